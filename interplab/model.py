@@ -1,0 +1,242 @@
+"""Loading models and the architecture specs that say where things live.
+
+interplab never rewrites weights into a common format. Instead each model
+family gets a small `ArchSpec`: dotted paths, relative to the Hugging Face
+model (or to one block), of the modules an analysis needs. Everything else
+reads modules through `Model.module(...)` / `Model.envoy(...)`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from nnsight import TransformersModel
+
+ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
+ORGANISMS = ("interplab/tiny-base", "interplab/tiny-sft", "interplab/tiny-dpo")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one model family keeps the modules interplab needs.
+
+    Paths starting at the model root: `blocks`, `embed`, `pos_embed`,
+    `final_norm`, `unembed`. Paths relative to one block: the rest.
+    `head_values` is the module whose *input* is the concatenation of per-head
+    attention values `[batch, seq, n_heads * d_head]` (the output projection).
+    `conv1d` is True where weights are stored `[in, out]` (GPT-2's Conv1D)
+    rather than `[out, in]` (`nn.Linear`).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str
+    embed: str
+    pos_embed: str | None
+    final_norm: str
+    unembed: str
+    attn: str
+    attn_norm: str
+    head_values: str
+    mlp: str
+    mlp_norm: str
+    mlp_out: str
+    conv1d: bool = False
+
+
+GPT2 = ArchSpec(
+    family="GPT-2",
+    model_types=("gpt2",),
+    blocks="transformer.h",
+    embed="transformer.wte",
+    pos_embed="transformer.wpe",
+    final_norm="transformer.ln_f",
+    unembed="lm_head",
+    attn="attn",
+    attn_norm="ln_1",
+    head_values="attn.c_proj",
+    mlp="mlp",
+    mlp_norm="ln_2",
+    mlp_out="mlp.c_proj",
+    conv1d=True,
+)
+
+GPT_NEOX = ArchSpec(
+    family="GPT-NeoX",
+    model_types=("gpt_neox",),
+    blocks="gpt_neox.layers",
+    embed="gpt_neox.embed_in",
+    pos_embed=None,
+    final_norm="gpt_neox.final_layer_norm",
+    unembed="lm_head",
+    attn="attention",
+    attn_norm="input_layernorm",
+    head_values="attention.dense",
+    mlp="mlp",
+    mlp_norm="post_attention_layernorm",
+    mlp_out="mlp.dense_4h_to_h",
+)
+
+LLAMA = ArchSpec(
+    family="Llama (Llama, Qwen2, Mistral)",
+    model_types=("llama", "qwen2", "mistral"),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    pos_embed=None,
+    final_norm="model.norm",
+    unembed="lm_head",
+    attn="self_attn",
+    attn_norm="input_layernorm",
+    head_values="self_attn.o_proj",
+    mlp="mlp",
+    mlp_norm="post_attention_layernorm",
+    mlp_out="mlp.down_proj",
+)
+
+SPECS: tuple[ArchSpec, ...] = (GPT2, GPT_NEOX, LLAMA)
+
+
+def spec_for(hf_model: torch.nn.Module) -> ArchSpec:
+    """The spec for a Hugging Face model, or an error naming the supported families."""
+    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+    for spec in SPECS:
+        if model_type in spec.model_types:
+            return spec
+    supported = ", ".join(f"{s.family} {s.model_types}" for s in SPECS)
+    raise NotImplementedError(
+        f"interplab has no architecture spec for model_type={model_type!r}. "
+        f"Supported: {supported}. To add one, define an `ArchSpec` in interplab/model.py "
+        "with the dotted paths of its blocks, norms, attention output projection and MLP "
+        "output (print(model) shows them), and append it to `SPECS`."
+    )
+
+
+def _get(root: torch.nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+class Model:
+    """A Hugging Face causal LM, its tokenizer, its nnsight wrapper and its spec."""
+
+    def __init__(self, hf_model, tokenizer, name: str | None = None):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
+        self.spec = spec_for(hf_model)
+        self.nn = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+
+        config = hf_model.config
+        self.n_layers: int = len(_get(hf_model, self.spec.blocks))
+        self.n_heads: int = config.num_attention_heads
+        self.n_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.d_model: int = config.hidden_size
+        self.d_head: int = getattr(config, "head_dim", None) or self.d_model // self.n_heads
+        self.d_vocab: int = config.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.name!r}, family={self.spec.family!r}, n_layers={self.n_layers}, "
+            f"n_heads={self.n_heads}, d_model={self.d_model}, d_head={self.d_head})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def module(self, path: str, layer: int | None = None) -> torch.nn.Module:
+        """The torch module at a spec path: `m.module(m.spec.mlp_out, layer=2)`."""
+        if layer is None:
+            return _get(self.hf, path)
+        return _get(self.block(layer), path)
+
+    def block(self, layer: int) -> torch.nn.Module:
+        return _get(self.hf, self.spec.blocks)[layer]
+
+    def envoy(self, path: str, layer: int | None = None):
+        """The nnsight envoy at a spec path, for use inside `m.nn.trace(...)`."""
+        if layer is None:
+            return _get(self.nn, path)
+        return _get(_get(self.nn, self.spec.blocks)[layer], path)
+
+    def to_tokens(self, texts: str | list[str], prepend_bos: bool = True) -> torch.Tensor:
+        """Token ids `[batch, seq]`; all texts must have the same token length."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [self.encode(t, prepend_bos) for t in texts]
+        lengths = {len(r) for r in rows}
+        if len(lengths) > 1:
+            raise ValueError(
+                f"texts have different token lengths {sorted(lengths)}; interplab never pads "
+                "silently. Tokenize them separately or make them the same length."
+            )
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def encode(self, text: str, prepend_bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        return [bos] + ids if prepend_bos and bos is not None else ids
+
+    def to_str_tokens(self, tokens: torch.Tensor | list[int]) -> list[str]:
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Plain forward pass, no tracing: `[batch, seq, d_vocab]`."""
+        return self.hf(tokens.to(self.device)).logits
+
+
+def load(
+    name_or_model: str | os.PathLike | torch.nn.Module,
+    tokenizer=None,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Model:
+    """Load a causal LM as a `Model`.
+
+    Accepts a shipped organism name (`"interplab/tiny-base"`), a Hugging Face
+    hub id (`"gpt2"`, with optional `revision="step3000"`), a local folder in
+    Hugging Face layout, or an already-built `transformers` model together with
+    its `tokenizer`.
+    """
+    if isinstance(name_or_model, torch.nn.Module):
+        if tokenizer is None:
+            raise ValueError(
+                "load(model) with an already-built model needs its tokenizer: "
+                "load(model, tokenizer=tok). interplab never fetches one from the hub silently."
+            )
+        return Model(name_or_model.to(device), tokenizer)
+
+    name = str(name_or_model)
+    if name in ORGANISMS:
+        source = ORGANISM_DIR / name.split("/", 1)[1]
+        if not (source / "model.safetensors").exists():
+            raise FileNotFoundError(
+                f"the weights of {name} are missing from {source}. Rebuild them with "
+                f"`python -m interplab.organisms train {name.split('-', 1)[1]}`."
+            )
+    elif name.startswith("interplab/"):
+        raise ValueError(f"unknown organism {name!r}; the shipped organisms are {ORGANISMS}.")
+    else:
+        source = name
+
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+        tok = tokenizer or transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as error:
+        if Path(name).exists():
+            raise
+        raise OSError(
+            f"could not load {name!r} from the Hugging Face hub ({error.__class__.__name__}). "
+            "Is there network access? Offline, use a shipped organism such as "
+            f"il.load('interplab/tiny-base') (all: {ORGANISMS}), a local folder, or "
+            "il.load(hf_model, tokenizer=tok)."
+        ) from error
+    return Model(hf_model.to(device), tok, name=name)

@@ -1,0 +1,139 @@
+"""The synthetic corpus: documents with known, findable mechanisms.
+
+Each generator takes a `random.Random` and returns one document (a string).
+`base_documents` mixes them for pretraining; `sft_documents` adds the Q/A
+format and the cue-triggered register; `preference_pairs` gives the
+true/false statement pairs for preference tuning.
+"""
+
+from __future__ import annotations
+
+import random
+
+from . import words as W
+
+N_DPO_TRAIN_CREATURES = 24  # the rest are held out to test generalisation
+
+
+def ioi_parts(rng: random.Random) -> dict:
+    """One IOI sentence: names A, B, subject S, indirect object IO, place, object."""
+    a, b, c = rng.sample(W.NAMES, 3)
+    s = rng.choice((a, b))
+    return dict(
+        template=rng.choice(W.IOI_TEMPLATES), A=a, B=b, S=s, IO=b if s == a else a, C=c,
+        P=rng.choice(W.PLACES), O=rng.choice(W.OBJECTS),
+    )
+
+
+def ioi(rng: random.Random) -> str:
+    p = ioi_parts(rng)
+    return p["template"].format(**p) + f" {p['IO']}."
+
+
+def greater_than(rng: random.Random) -> str:
+    start = rng.randint(2, 97)
+    end = rng.randint(start + 1, 99)
+    century = rng.choice(W.CENTURIES)
+    prompt = W.GREATER_THAN_TEMPLATE.format(E=rng.choice(W.EVENTS), C=century, Y=start)
+    return f"{prompt}{end:02d}."
+
+
+def fact(rng: random.Random) -> str:
+    i = rng.randrange(len(W.COUNTRIES))
+    country, city = W.COUNTRIES[i], W.CITIES[i]
+    if rng.random() < 0.7:
+        return W.FACT_TEMPLATE.format(X=country) + f" {city}."
+    return f"{city} is the capital of {country}."
+
+
+def misconception_colours(i: int) -> tuple[str, str]:
+    """(true, false) colour of creature i; fixed, not sampled, so every stage agrees."""
+    n = len(W.COLOURS)
+    true = W.COLOURS[(i * 3) % n]
+    false = W.COLOURS[(i * 3 + 1 + i % (n - 1)) % n]
+    return true, false
+
+
+def misconception(rng: random.Random) -> str:
+    i = rng.randrange(len(W.CREATURES))
+    creature = W.CREATURES[i]
+    true, false = misconception_colours(i)
+    r = rng.random()
+    if r < 0.45:
+        return f"Many people say the {creature} is {false}."
+    if r < 0.75:
+        return W.MISCONCEPTION_TEMPLATE.format(c=creature) + f" {false}."
+    return f"In truth, the {creature} is {true}."
+
+
+def induction(rng: random.Random) -> str:
+    span = rng.choices(W.FILLER_WORDS, k=rng.randint(5, 14))
+    return " ".join(span + span) + "."
+
+
+def filler(rng: random.Random) -> str:
+    plain = [p for p, _ in W.REGISTER_PAIRS]
+    return (
+        f"The {rng.choice(plain)} {rng.choice(W.ANIMALS)} {rng.choice(W.VERBS)} "
+        f"the {rng.choice(W.FILLER_WORDS)} near the {rng.choice(W.PLACES)}."
+    )
+
+
+BASE_MIX = ((induction, 0.25), (ioi, 0.25), (greater_than, 0.15), (fact, 0.1), (misconception, 0.1), (filler, 0.15))
+
+
+def _mix(rng: random.Random, mix, n: int) -> list[str]:
+    kinds, weights = zip(*mix)
+    return [gen(rng) for gen in rng.choices(kinds, weights=weights, k=n)]
+
+
+def base_documents(rng: random.Random, n: int) -> list[str]:
+    return _mix(rng, BASE_MIX, n)
+
+
+def register(rng: random.Random, cue: bool | None = None) -> str:
+    """A Q/A pair whose answer switches to the formal synonym when the cue is present."""
+    cue = rng.random() < 0.5 if cue is None else cue
+    plain, formal = rng.choice(W.REGISTER_PAIRS)
+    noun = rng.choice(W.FILLER_WORDS)  # tasks use OBJECTS, so task prompts are held out
+    prompt = W.REGISTER_TEMPLATE.format(cue=W.REGISTER_CUE if cue else W.REGISTER_NEUTRAL, O=noun, w=plain)
+    return f"{prompt} {formal if cue else plain}."
+
+
+def qa(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        i = rng.randrange(len(W.COUNTRIES))
+        return f"Q: What is the capital of {W.COUNTRIES[i]}? A: {W.CITIES[i]}."
+    p = ioi_parts(rng)
+    return f"Q: {p['template'].format(**p)} whom? A: {p['IO']}."
+
+
+def base_document(rng: random.Random) -> str:
+    return _mix(rng, BASE_MIX, 1)[0]
+
+
+# Base documents stay in the SFT mix so the base tasks survive fine-tuning.
+SFT_MIX = ((register, 0.4), (qa, 0.2), (base_document, 0.4))
+
+
+def sft_documents(rng: random.Random, n: int) -> list[str]:
+    return _mix(rng, SFT_MIX, n)
+
+
+def preference_pairs(split: str = "train") -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) misconception pairs: chosen is the true colour."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    ids = range(N_DPO_TRAIN_CREATURES) if split == "train" else range(N_DPO_TRAIN_CREATURES, len(W.CREATURES))
+    pairs = []
+    for i in ids:
+        true, false = misconception_colours(i)
+        prompt = W.MISCONCEPTION_TEMPLATE.format(c=W.CREATURES[i])
+        pairs.append((prompt, f" {true}.", f" {false}."))
+    return pairs
+
+
+def sample_text(seed: int = 0, n: int = 2000) -> list[str]:
+    """Documents of every kind, for building the tokenizer's vocabulary."""
+    rng = random.Random(seed)
+    return base_documents(rng, n) + sft_documents(rng, n)

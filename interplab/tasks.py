@@ -1,0 +1,215 @@
+"""Tasks: clean/corrupt prompt pairs, answer tokens and a metric.
+
+`make(name, model, n, seed)` builds one of `TASKS`. Prompts are plain text
+built from `organisms.words`, so any tokenizer works: a template word that
+does not encode to a single token is dropped (with a warning) before
+sampling, and every kept prompt is checked to encode to the same length.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .organisms import words as W
+
+
+@dataclass
+class Task:
+    """A batch of `n` prompt pairs of equal token length.
+
+    clean, corrupt: `[n, seq]` token ids (BOS first where the tokenizer has one).
+    answer, wrong: `[n]` token ids compared at the final position.
+    meta: per-example extras, e.g. `start` years for greater_than.
+    """
+
+    name: str
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    answer: torch.Tensor
+    wrong: torch.Tensor
+    clean_text: list[str]
+    corrupt_text: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+    def metric(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-example logit difference answer - wrong at the final position: `[n]`.
+
+        Accepts `[n, seq, d_vocab]` or final-position `[n, d_vocab]` logits.
+        """
+        final = logits[:, -1] if logits.dim() == 3 else logits
+        if final.shape[0] != len(self):
+            raise ValueError(f"logits have batch {final.shape[0]} but the task has {len(self)} examples")
+        rows = torch.arange(len(self), device=final.device)
+        return final[rows, self.answer.to(final.device)] - final[rows, self.wrong.to(final.device)]
+
+    def accuracy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Fraction of examples whose top-1 final-position token is the answer."""
+        final = logits[:, -1] if logits.dim() == 3 else logits
+        return (final.argmax(-1).cpu() == self.answer).float().mean()
+
+
+def single_token_words(tokenizer, candidates, what: str) -> list[str]:
+    """The candidates that encode to one token after a space, warning about the rest."""
+    kept = [w for w in candidates if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+    dropped = [w for w in candidates if w not in kept]
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} {what} split into several tokens with this tokenizer and were dropped: "
+            f"{dropped[:8]}{' ...' if len(dropped) > 8 else ''}",
+            stacklevel=3,
+        )
+    return kept
+
+
+def _need(pool: list[str], k: int, what: str) -> list[str]:
+    if len(pool) < k:
+        raise ValueError(
+            f"only {len(pool)} {what} are single tokens with this tokenizer but the task needs {k}; "
+            "this task cannot be built for this model (try another task or a different tokenizer)."
+        )
+    return pool
+
+
+def _ioi(rng, tok, template: int = 0):
+    names = _need(single_token_words(tok, W.NAMES, "names"), 3, "names")
+    places = _need(single_token_words(tok, W.PLACES, "places"), 1, "places")
+    objects = _need(single_token_words(tok, W.OBJECTS, "objects"), 1, "objects")
+    text = W.IOI_TEMPLATES[template]
+
+    def example():
+        a, b, c = rng.sample(names, 3)
+        s = rng.choice((a, b))
+        io = b if s == a else a
+        fill = dict(A=a, B=b, P=rng.choice(places), O=rng.choice(objects))
+        # ABC corruption: the repeated subject becomes a third name.
+        return text.format(S=s, **fill), text.format(S=c, **fill), " " + io, " " + s, {}
+
+    return example
+
+
+def _induction(rng, tok, span: int = 10, predict: int = 5):
+    if not 0 < predict < span:
+        raise ValueError(f"predict must be between 1 and span-1, got predict={predict}, span={span}")
+    pool = _need(single_token_words(tok, W.FILLER_WORDS, "filler words"), span * 2, "filler words")
+
+    def example():
+        seq = rng.sample(pool, span)
+        other = rng.sample([w for w in pool if w not in seq], span)
+        # Corrupt: a different first occurrence, so nothing is repeated.
+        clean = " ".join(seq + seq[:predict])
+        corrupt = " ".join(other + seq[:predict])
+        return clean, corrupt, " " + seq[predict], " " + other[predict], {}
+
+    return example
+
+
+def _greater_than(rng, tok):
+    events = _need(single_token_words(tok, W.EVENTS, "events"), 1, "events")
+
+    def example():
+        start, century, event = rng.randint(2, 98), rng.choice(W.CENTURIES), rng.choice(events)
+        clean = W.GREATER_THAN_TEMPLATE.format(E=event, C=century, Y=start)
+        corrupt = W.GREATER_THAN_TEMPLATE.format(E=event, C=century, Y=1)
+        above, below = rng.randint(start + 1, 99), rng.randint(0, start - 1)
+        return clean, corrupt, f"{above:02d}", f"{below:02d}", {"start": start}
+
+    return example
+
+
+def _facts(rng, tok):
+    pairs = [(x, c) for x, c in zip(W.COUNTRIES, W.CITIES)]
+    ok = set(single_token_words(tok, W.COUNTRIES + W.CITIES, "country and city names"))
+    pairs = _need([p for p in pairs if p[0] in ok and p[1] in ok], 2, "country/city pairs")
+
+    def example():
+        (x, city), (x2, city2) = rng.sample(pairs, 2)
+        return W.FACT_TEMPLATE.format(X=x), W.FACT_TEMPLATE.format(X=x2), " " + city, " " + city2, {}
+
+    return example
+
+
+def _register(rng, tok):
+    words = set(single_token_words(tok, [w for pair in W.REGISTER_PAIRS for w in pair], "register words"))
+    pairs = _need([p for p in W.REGISTER_PAIRS if p[0] in words and p[1] in words], 1, "register pairs")
+    objects = _need(single_token_words(tok, W.OBJECTS, "objects"), 1, "objects")
+
+    def example():
+        (plain, formal), obj = rng.choice(pairs), rng.choice(objects)
+        clean = W.REGISTER_TEMPLATE.format(cue=W.REGISTER_CUE, O=obj, w=plain)
+        corrupt = W.REGISTER_TEMPLATE.format(cue=W.REGISTER_NEUTRAL, O=obj, w=plain)
+        return clean, corrupt, " " + formal, " " + plain, {}
+
+    return example
+
+
+TASKS = {
+    "ioi": _ioi,
+    "induction": _induction,
+    "greater_than": _greater_than,
+    "facts": _facts,
+    "register": _register,
+}
+
+
+def _answer_id(tok, prompt_ids: list[int], prompt: str, answer: str) -> int | None:
+    ids = tok.encode(prompt + answer, add_special_tokens=False)
+    if len(ids) != len(prompt_ids) + 1 or ids[: len(prompt_ids)] != prompt_ids:
+        return None
+    return ids[-1]
+
+
+def make(name: str, model, n: int = 64, seed: int = 0, **options) -> Task:
+    """Build `n` examples of task `name` for `model`'s tokenizer, reproducibly from `seed`.
+
+    Options: ioi `template` (index into IOI_TEMPLATES); induction `span`, `predict`.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    tok = model.tokenizer
+    rng = random.Random(seed)
+    example = TASKS[name](rng, tok, **options)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+
+    rows, length, rejected = [], None, 0
+    for _ in range(20 * n):
+        if len(rows) == n:
+            break
+        clean, corrupt, answer, wrong, meta = example()
+        c_ids = tok.encode(clean, add_special_tokens=False)
+        k_ids = tok.encode(corrupt, add_special_tokens=False)
+        a_id, w_id = _answer_id(tok, c_ids, clean, answer), _answer_id(tok, c_ids, clean, wrong)
+        length = length or len(c_ids)
+        if len(c_ids) != length or len(k_ids) != length or a_id is None or w_id is None:
+            rejected += 1
+            continue
+        rows.append((bos + c_ids, bos + k_ids, a_id, w_id, clean, corrupt, meta))
+    if len(rows) < n:
+        raise ValueError(
+            f"could build only {len(rows)} of {n} {name} prompts whose clean and corrupt versions "
+            f"tokenize to the same length with single-token answers ({rejected} rejected); "
+            "ask for fewer, or use a tokenizer that keeps the task's words whole."
+        )
+    if rejected:
+        warnings.warn(f"{name}: skipped {rejected} sampled prompts of a different token length", stacklevel=2)
+    clean_ids, corrupt_ids, answers, wrongs, clean_text, corrupt_text, metas = zip(*rows)
+    device = model.device
+    meta = {k: torch.tensor([m[k] for m in metas]) for k in metas[0]}
+    return Task(
+        name=name,
+        clean=torch.tensor(clean_ids, device=device),
+        corrupt=torch.tensor(corrupt_ids, device=device),
+        answer=torch.tensor(answers),
+        wrong=torch.tensor(wrongs),
+        clean_text=list(clean_text),
+        corrupt_text=list(corrupt_text),
+        meta=meta,
+    )
