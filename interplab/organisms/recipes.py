@@ -33,6 +33,7 @@ class Recipe:
     seed: int = 0
     beta: float = 0.1  # preference tuning only
     lm_weight: float = 1.0  # preference tuning: weight of the SFT language-model loss kept alongside
+    threads: int = 1  # one thread: bit-identical results whatever the machine's core count
 
 
 RECIPES = {
@@ -89,6 +90,7 @@ def train_stage(stage: str, parent: GPT2LMHeadModel | None = None, steps: int | 
     if steps is not None:
         recipe = Recipe(**{**asdict(recipe), "steps": steps})
     tokenizer = build_tokenizer()
+    torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     if stage == "base":
         model = GPT2LMHeadModel(architecture(len(tokenizer), tokenizer))
