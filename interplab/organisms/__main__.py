@@ -21,11 +21,6 @@ if args.command == "train":
     save(model, tokenizer, log, out)
     print(f"saved tiny-{args.stage} to {out} in {log['seconds']} s (final loss {log['final_loss']:.3f})")
 else:
-    from .. import load
-    from .evaluate import behaviour
+    from .evaluate import behaviour_table, format_table
 
-    rows = {stage: behaviour(load(f"interplab/tiny-{stage}")) for stage in RECIPES}
-    metrics = list(next(iter(rows.values())))
-    print(f"{'metric':<26}" + "".join(f"{s:>10}" for s in rows))
-    for metric in metrics:
-        print(f"{metric:<26}" + "".join(f"{rows[s][metric]:>10.3f}" for s in rows))
+    print(format_table(behaviour_table(tuple(RECIPES))))

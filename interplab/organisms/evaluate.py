@@ -80,3 +80,17 @@ def behaviour(m) -> dict[str, float]:
         "register_without_cue": without_cue,
         "truth_preferred_heldout": truth_preference(m, "test"),
     }
+
+
+def behaviour_table(stages=("base", "sft", "dpo")) -> dict[str, dict[str, float]]:
+    """`behaviour` of every shipped stage: `{stage: {metric: value}}`."""
+    from .. import load
+
+    return {stage: behaviour(load(f"interplab/tiny-{stage}")) for stage in stages}
+
+
+def format_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
+    metrics = list(next(iter(rows.values())))
+    lines = [f"{'metric':<26}" + "".join(f"{s:>10}" for s in rows)]
+    lines += [f"{k:<26}" + "".join(f"{rows[s][k]:>10.{digits}f}" for s in rows) for k in metrics]
+    return "\n".join(lines)
