@@ -30,6 +30,12 @@ class ArchSpec:
     attention values `[batch, seq, n_heads * d_head]` (the output projection).
     `conv1d` is True where weights are stored `[in, out]` (GPT-2's Conv1D)
     rather than `[out, in]` (`nn.Linear`).
+    `qkv` are the projections whose outputs are queries, keys and values:
+    one fused module or three `(q, k, v)`. `qkv_layout` says how to find head
+    h's columns in them: "concat" is `[q | k | v]`, each `[n_heads * d_head]`
+    (GPT-2's c_attn); "interleaved" is per head `[q_h | k_h | v_h]` (NeoX's
+    query_key_value); "separate" is one module each, keys and values over
+    `n_kv_heads` (Llama's grouped-query attention).
     """
 
     family: str
@@ -46,6 +52,8 @@ class ArchSpec:
     mlp_norm: str
     mlp_out: str
     conv1d: bool = False
+    qkv: tuple[str, ...] = ()
+    qkv_layout: str = ""
 
 
 GPT2 = ArchSpec(
@@ -63,6 +71,8 @@ GPT2 = ArchSpec(
     mlp_norm="ln_2",
     mlp_out="mlp.c_proj",
     conv1d=True,
+    qkv=("attn.c_attn",),
+    qkv_layout="concat",
 )
 
 GPT_NEOX = ArchSpec(
@@ -79,6 +89,8 @@ GPT_NEOX = ArchSpec(
     mlp="mlp",
     mlp_norm="post_attention_layernorm",
     mlp_out="mlp.dense_4h_to_h",
+    qkv=("attention.query_key_value",),
+    qkv_layout="interleaved",
 )
 
 LLAMA = ArchSpec(
@@ -95,6 +107,8 @@ LLAMA = ArchSpec(
     mlp="mlp",
     mlp_norm="post_attention_layernorm",
     mlp_out="mlp.down_proj",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    qkv_layout="separate",
 )
 
 SPECS: tuple[ArchSpec, ...] = (GPT2, GPT_NEOX, LLAMA)
@@ -234,8 +248,8 @@ def load(
         if Path(name).exists():
             raise
         raise OSError(
-            f"could not load {name!r} from the Hugging Face hub ({error.__class__.__name__}). "
-            "Is there network access? Offline, use a shipped organism such as "
+            f"could not load {name!r} from the Hugging Face hub ({str(error).splitlines()[0]}). "
+            "Is there network access, and is the name right? Offline, use a shipped organism such as "
             f"il.load('interplab/tiny-base') (all: {ORGANISMS}), a local folder, or "
             "il.load(hf_model, tokenizer=tok)."
         ) from error

@@ -55,13 +55,20 @@ class Task:
         return (final.argmax(-1).cpu() == self.answer).float().mean()
 
 
+def _is_single_token(tokenizer, word: str) -> bool:
+    ids = tokenizer.encode(" " + word, add_special_tokens=False)
+    # An unknown word is one token too, but it is the same <unk> for every unknown word.
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
 def single_token_words(tokenizer, candidates, what: str) -> list[str]:
-    """The candidates that encode to one token after a space, warning about the rest."""
-    kept = [w for w in candidates if len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1]
+    """The candidates that encode to one known token after a space, warning about the rest."""
+    kept = [w for w in candidates if _is_single_token(tokenizer, w)]
     dropped = [w for w in candidates if w not in kept]
     if dropped:
         warnings.warn(
-            f"{len(dropped)} {what} split into several tokens with this tokenizer and were dropped: "
+            f"{len(dropped)} {what} split into several tokens or are unknown to this tokenizer "
+            "and were dropped: "
             f"{dropped[:8]}{' ...' if len(dropped) > 8 else ''}",
             stacklevel=3,
         )
@@ -160,7 +167,8 @@ TASKS = {
 
 def _answer_id(tok, prompt_ids: list[int], prompt: str, answer: str) -> int | None:
     ids = tok.encode(prompt + answer, add_special_tokens=False)
-    if len(ids) != len(prompt_ids) + 1 or ids[: len(prompt_ids)] != prompt_ids:
+    extends_prompt = len(ids) == len(prompt_ids) + 1 and ids[: len(prompt_ids)] == prompt_ids
+    if not extends_prompt or ids[-1] == tok.unk_token_id:
         return None
     return ids[-1]
 
@@ -213,3 +221,20 @@ def make(name: str, model, n: int = 64, seed: int = 0, **options) -> Task:
         corrupt_text=list(corrupt_text),
         meta=meta,
     )
+
+
+def random_tokens(model, n: int = 4, seq: int = 6, seed: int = 0) -> Task:
+    """A task of random token ids, for checks on any model: corrupt differs from clean at positions 1 and 2.
+
+    Answer and wrong tokens are random too, so the metric has no meaning beyond
+    being a fixed function of the final logits.
+    """
+    if seq < 4:
+        raise ValueError(f"seq must be at least 4 (positions 1-2 are corrupted), got {seq}")
+    g = torch.Generator().manual_seed(seed)
+    low = 3  # skip the organisms' special tokens
+    clean = torch.randint(low, model.d_vocab, (n, seq), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, 1:3] = torch.randint(low, model.d_vocab, (n, 2), generator=g)
+    answer, wrong = torch.randint(low, model.d_vocab, (2, n), generator=g)
+    return Task("random", clean.to(model.device), corrupt.to(model.device), answer, wrong, [""] * n, [""] * n)

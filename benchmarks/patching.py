@@ -1,0 +1,132 @@
+"""Speed of the head x position denoising sweep against raw-PyTorch baselines, measured in one run.
+
+    python benchmarks/patching.py [--n 1] [--seq 4] [--tiny-n 8] [--batch-size 64] [--threads 2]
+
+For tiny-base (IOI prompts) and a randomly initialised GPT-2-small-shaped
+model (12 layers, 12 heads, d_model 768, vocab 50257, random short prompts):
+
+- sweep:        il.patching.heads(per_position=True), with and without prefix reuse
+- lower bound:  the same number of rows in plain batched forwards, no hooks
+                (an unwrapped copy of the model, final-position logits only, like the sweep)
+- naive:        one forward per component with a raw PyTorch forward pre-hook
+- TransformerLens get_act_patch_attn_head_out_by_pos, if transformer-lens is installed
+                (same shape, its own random weights: a timing, not a check)
+
+The naive loop's values are compared to the sweep's, so a fast wrong sweep shows up here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import interplab as il
+from setups import gpt2_small_shaped, tiny_base
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def mean_logit_diff(logits, task) -> float:
+    rows = torch.arange(len(task))
+    return (logits[rows, task.answer] - logits[rows, task.wrong]).mean().item()
+
+
+@torch.no_grad()
+def naive_sweep(raw, spec, task, n_heads: int, d_head: int) -> torch.Tensor:
+    """Normalized effect [layer, head, pos]: one hooked forward of all examples per component."""
+    layers = [raw.get_submodule(f"{spec.blocks}.{i}.{spec.head_values}") for i in range(len(raw.get_submodule(
+        spec.blocks)))]
+    clean_acts = []
+    handles = [layer.register_forward_pre_hook(lambda mod, args: clean_acts.append(args[0])) for layer in layers]
+    clean = mean_logit_diff(raw(task.clean, logits_to_keep=1).logits[:, -1], task)
+    for handle in handles:
+        handle.remove()
+    corrupt = mean_logit_diff(raw(task.corrupt, logits_to_keep=1).logits[:, -1], task)
+    seq = task.clean.shape[1]
+    out = torch.empty(len(layers), n_heads, seq)
+    for layer, module in enumerate(layers):
+        for head in range(n_heads):
+            cols = slice(head * d_head, (head + 1) * d_head)
+            for pos in range(seq):
+                def patch(mod, args, layer=layer, cols=cols, pos=pos):
+                    act = args[0].clone()
+                    act[:, pos, cols] = clean_acts[layer][:, pos, cols]
+                    return (act,)
+
+                handle = module.register_forward_pre_hook(patch)
+                value = mean_logit_diff(raw(task.corrupt, logits_to_keep=1).logits[:, -1], task)
+                handle.remove()
+                out[layer, head, pos] = (value - corrupt) / (clean - corrupt)
+    return out
+
+
+@torch.no_grad()
+def lower_bound(raw, task, n_rows: int, batch_size: int) -> None:
+    """Plain forwards over `n_rows` corrupt prompts in batches of `batch_size`: no hooks, no patching."""
+    rows = task.corrupt[torch.arange(n_rows) % len(task)]
+    for start in range(0, n_rows, batch_size):
+        raw(rows[start : start + batch_size], logits_to_keep=1)
+
+
+def transformer_lens_time(raw, task) -> str:
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens import patching as tl_patching
+    except ImportError:
+        return "not installed (pip install transformer-lens to compare)"
+    c = raw.config
+    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
+                                  d_mlp=4 * c.n_embd, n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn="gelu_new",
+                                  normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(task.clean)
+        seconds, _ = timed(lambda: tl_patching.get_act_patch_attn_head_out_by_pos(
+            model, task.corrupt, cache, lambda logits: mean_logit_diff(logits[:, -1], task)))
+    return f"{seconds:.2f} s"
+
+
+def run(name, m, raw, task, batch_size: int) -> None:
+    seq = task.clean.shape[1]
+    n_rows = m.n_layers * m.n_heads * seq * len(task)
+    print(f"\n{name}: {m.n_layers * m.n_heads * seq} components (layer x head x pos) x {len(task)} examples, "
+          f"seq {seq}, batch {batch_size}, {torch.get_num_threads()} threads")
+    sweep = lambda reuse: il.patching.heads(m, task, per_position=True, batch_size=batch_size,  # noqa: E731
+                                            reuse_prefix=reuse, progress=False)
+    t_reuse, scores = timed(lambda: sweep(True))
+    t_plain, _ = timed(lambda: sweep(False))
+    t_bound, _ = timed(lambda: lower_bound(raw, task, n_rows, batch_size))
+    t_naive, naive = timed(lambda: naive_sweep(raw, m.spec, task, m.n_heads, m.d_head))
+    error = (naive - scores.values.float()).abs().max().item()
+    print(f"  lower bound (plain batched forwards) {t_bound:8.2f} s")
+    print(f"  sweep, prefix reuse                  {t_reuse:8.2f} s   {t_reuse / t_bound:5.2f} x lower bound   "
+          f"{t_naive / t_reuse:6.1f} x faster than naive")
+    print(f"  sweep, no prefix reuse               {t_plain:8.2f} s   {t_plain / t_bound:5.2f} x lower bound   "
+          f"{t_naive / t_plain:6.1f} x faster than naive")
+    print(f"  naive loop (one hooked forward each) {t_naive:8.2f} s")
+    print(f"  TransformerLens                      {transformer_lens_time(raw, task)}")
+    print(f"  max |sweep - naive| normalized effect: {error:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1, help="examples for the GPT-2-small-shaped model")
+    parser.add_argument("--seq", type=int, default=4, help="prompt length for the GPT-2-small-shaped model")
+    parser.add_argument("--tiny-n", type=int, default=8, help="IOI examples for tiny-base")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for setup in (tiny_base(args.tiny_n), gpt2_small_shaped(args.n, args.seq)):
+        run(*setup, batch_size=args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Attribution patching: a first-order estimate of every patch from one backward pass.
+
+Patching a component from its clean value `a` to its corrupt value `a'` changes the
+metric by about `(a' - a) . dm/da`, the gradient taken on the clean run. `nodes`
+scores heads, MLPs and residual positions this way; `edges` scores every edge of the
+`Graph` (EAP, Syed et al. 2023): for a sender s and receiver r, `(s' - s) . dm/dx_r`
+where `x_r` is r's own copy of its residual input, before its layer norm, so the
+gradient passes through that norm. EAP-IG (Hanna et al. 2024) averages the gradient
+over `steps` points on the straight line from the corrupt to the clean input
+embeddings, `alpha = k / steps` for k = 1..steps, so that one step is EAP (hannamw/EAP-IG
+takes k = 0..steps-1; the two agree as steps grow).
+
+Scores estimate m(patched) - m(clean), averaged over examples: corrupting an edge
+that carries the answer gives a negative score for a logit-difference metric.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from . import edgewise
+from .circuits import Circuit, Graph, check_task, subtask
+from .model import Model
+from .scores import Scores
+from .tasks import Task
+
+
+class Gradients(edgewise.Hooks):
+    """Gives every receiver an input tensor of its own and keeps sender outputs, in Graph order."""
+
+    def __init__(self, n_heads: int):
+        self.n_heads = n_heads
+        self.inputs: list[torch.Tensor] = []  # per layer: (B, 3, H, T, D), (B, T, D); then logits (B, T, D)
+        self.outputs: list[torch.Tensor] = []
+        self.heads: list[torch.Tensor] = []
+        self.mlps: list[torch.Tensor] = []
+        self.resid_pre: list[torch.Tensor] = []
+
+    def embed_output(self, x):
+        self.outputs.append(x.detach()[None])
+        return x
+
+    def qkv_input(self, layer, resid):
+        self.resid_pre.append(resid)
+        B, T, D = resid.shape
+        return self._keep(resid[:, None, None].expand(B, 3, self.n_heads, T, D))
+
+    def heads_output(self, layer, heads):
+        self.heads.append(heads)
+        self.outputs.append(heads.detach().transpose(0, 1))
+        return heads
+
+    def mlp_input(self, layer, resid):
+        return self._keep(resid.view_as(resid))
+
+    def mlp_output(self, layer, out):
+        self.mlps.append(out)
+        self.outputs.append(out.detach()[None])
+        return out
+
+    def logits_input(self, resid):
+        self.resid_pre.append(resid)
+        return self._keep(resid.view_as(resid))
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x)
+        return x
+
+    def receiver_grads(self, metric: torch.Tensor) -> torch.Tensor:
+        """d metric / d (each receiver's input): `[R, B, T, D]` in Graph receiver order."""
+        grads = torch.autograd.grad(metric, self.inputs)
+        return torch.cat([g.flatten(1, 2).transpose(0, 1) if g.dim() == 5 else g[None] for g in grads])
+
+
+def _batches(task: Task, batch_size: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return [subtask(task, slice(i, i + batch_size)) for i in range(0, len(task), batch_size)]
+
+
+def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_size: int = 16) -> Circuit:
+    """Scores of every edge of the model's `Graph`, as a full `Circuit` (select with `.top(n)`).
+
+    method: "EAP" (gradient on the clean run) or "EAP-IG" (gradient averaged over `steps`
+    interpolations of the input embeddings from corrupt to clean). Cost per batch: one corrupt
+    forward, and one forward and backward per step.
+    """
+    if method not in ("EAP", "EAP-IG"):
+        raise ValueError(f"method must be 'EAP' or 'EAP-IG', got {method!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    edgewise.check_supported(m)
+    check_task(task)
+    steps = 1 if method == "EAP" else steps
+    graph = Graph.from_model(m)
+    total = 0
+    batches = _batches(task, batch_size)
+    for part in tqdm(batches, desc=method, disable=len(batches) * steps < 8):
+        total += _edge_batch(m, part, steps)
+    scores = (total / len(task)).cpu().float() * graph.valid
+    return Circuit.full(graph, scores, {"method": method, "steps": steps, "task": task.name})
+
+
+def _edge_batch(m: Model, part: Task, steps: int) -> torch.Tensor:
+    """Summed-over-examples edge scores `[S, R]` of one batch."""
+    _, corrupt = edgewise.record(m, part.corrupt)
+    clean_embeds = edgewise.embed(m, part.clean).detach()
+    corrupt_embeds = edgewise.embed(m, part.corrupt).detach()
+    grads = 0
+    for k in range(1, steps + 1):
+        hooks = Gradients(m.n_heads)
+        alpha = k / steps
+        embeds = (corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)).requires_grad_(True)
+        logits = edgewise.run(m, embeds, hooks)
+        grads = grads + hooks.receiver_grads(part.metric(logits).sum())
+    delta = corrupt.senders() - torch.cat(hooks.outputs)  # the last step ran on the clean input
+    return torch.einsum("sbtd,rbtd->sr", delta, grads / steps)
+
+
+def nodes(m: Model, task: Task, batch_size: int = 16, per_position: bool = False) -> dict[str, Scores]:
+    """Attribution patching of nodes: {"heads": (layer, head[, pos]), "mlp": (layer[, pos]),
+    "resid": (layer, pos)} scores, `(a_corrupt - a_clean) . dm/da` averaged over examples.
+
+    "resid" layer l is the residual stream before block l; layer n_layers is before the final norm.
+    One corrupt forward and one clean forward and backward per batch.
+    """
+    edgewise.check_supported(m)
+    check_task(task)
+    heads = mlps = resid = 0
+    for part in _batches(task, batch_size):
+        _, corrupt = edgewise.record(m, part.corrupt)
+        hooks = Gradients(m.n_heads)
+        logits = edgewise.run(m, edgewise.embed(m, part.clean).detach().requires_grad_(True), hooks)
+        tensors = hooks.heads + hooks.mlps + hooks.resid_pre
+        grads = torch.autograd.grad(part.metric(logits).sum(), tensors)
+        L = m.n_layers
+        g_heads, g_mlps, g_resid = torch.stack(grads[:L]), torch.stack(grads[L:2 * L]), torch.stack(grads[2 * L:])
+        c_senders = corrupt.senders()[1:].unflatten(0, (L, -1))  # (L, H+1, B, T, D)
+        d_heads = c_senders[:, :-1].transpose(1, 2) - torch.stack(hooks.heads).detach()  # (L, B, H, T, D)
+        d_mlps = c_senders[:, -1] - torch.stack(hooks.mlps).detach()
+        d_resid = torch.stack(corrupt.resid_pre) - torch.stack(hooks.resid_pre).detach()
+        heads = heads + (d_heads * g_heads).sum((1, -1))  # (L, H, T)
+        mlps = mlps + (d_mlps * g_mlps).sum((1, -1))  # (L, T)
+        resid = resid + (d_resid * g_resid).sum((1, -1))  # (L+1, T)
+    n = len(task)
+    heads, mlps, resid = heads / n, mlps / n, resid / n
+    if not per_position:
+        heads, mlps = heads.sum(-1), mlps.sum(-1)
+    pos = {"pos": [f"{t}" for t in range(task.clean.shape[1])]}
+    meta = {"task": task.name, "method": "attribution patching"}
+    return {
+        "heads": Scores(heads, ("layer", "head", "pos")[:heads.dim()], meta={**meta, "title": "head attribution"}),
+        "mlp": Scores(mlps, ("layer", "pos")[:mlps.dim()], meta={**meta, "title": "MLP attribution"}),
+        "resid": Scores(resid, ("layer", "pos"), labels=pos, meta={**meta, "title": "residual attribution"}),
+    }

@@ -1,0 +1,293 @@
+"""Activation patching sweeps.
+
+Run the model on one prompt of each pair (the *base*: the corrupt prompt when
+denoising, the clean one when noising), overwrite one component's activation
+with its value from the other prompt (the *source*), and score the final
+logits with the task's metric. A sweep does this for every component.
+
+How it is fast: a sweep is a list of rows (component x example), and one
+nnsight trace runs a whole batch of rows, each row carrying its own patch,
+written as `where(mask, source, activation)` on one module. Batches never
+straddle layers, and a patch at layer l leaves blocks < l exactly as in the
+unpatched base run, so (`reuse_prefix=True`) those blocks are skipped and the
+cached base output of block l-1 is fed to block l. This is exact for every
+family: rotary tables and attention masks are built outside the blocks.
+
+Sites (the activation patched at one layer, and its columns per head):
+
+- resid:    input of block l (resid_pre), `[batch, seq, d_model]`
+- attn_out: output of the attention output projection (`spec.head_values`)
+- mlp_out:  output of `spec.mlp_out`
+- heads:    input of `spec.head_values`, head h = columns `h*d_head:(h+1)*d_head`
+- q, k, v:  output of the q/k/v projections (`spec.qkv`, `spec.qkv_layout`).
+  Patching head h's query (key, value) vector is the same as patching the
+  input of head h's query (key, value) projection, since that vector depends
+  on nothing else. Under grouped-query attention keys and values are
+  patched per key/value head (dim `kv_head`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .scores import Scores
+
+MODES = ("denoising", "noising")
+KINDS = ("resid", "attn_out", "mlp_out", "heads", "q", "k", "v")
+
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a sweep patches at each layer.
+
+    `path` is relative to a block (None: the block itself); `side` is "input"
+    or "output"; the activation is `[batch, seq, width]` and unit u (a head,
+    or the single whole-width unit) owns columns `starts[u]:starts[u]+size`.
+    """
+
+    kind: str
+    path: str | None
+    side: str
+    width: int
+    starts: tuple[int, ...]
+    size: int
+    unit: str
+
+    def columns(self) -> torch.Tensor:
+        """Boolean `[n_units, width]`: which columns each unit owns."""
+        owned = torch.zeros(len(self.starts), self.width, dtype=torch.bool)
+        for u, start in enumerate(self.starts):
+            owned[u, start : start + self.size] = True
+        return owned
+
+
+def site(m, kind: str) -> Site:
+    """The `Site` for a sweep kind (one of `KINDS`) on model `m`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {KINDS}")
+    spec, dh = m.spec, m.d_head
+    if kind == "resid":
+        return Site(kind, None, "input", m.d_model, (0,), m.d_model, "")
+    if kind in ("attn_out", "mlp_out"):
+        path = spec.head_values if kind == "attn_out" else spec.mlp_out
+        return Site(kind, path, "output", m.d_model, (0,), m.d_model, "")
+    if kind == "heads":
+        return Site(kind, spec.head_values, "input", m.n_heads * dh, tuple(h * dh for h in range(m.n_heads)), dh,
+                    "head")
+    return _qkv_site(m, kind)
+
+
+def _qkv_site(m, which: str) -> Site:
+    spec, dh, nh = m.spec, m.d_head, m.n_heads
+    i = "qkv".index(which)
+    n_units = nh if which == "q" else m.n_kv_heads
+    unit = "head" if n_units == nh else "kv_head"
+    if spec.qkv_layout == "separate":
+        return Site(which, spec.qkv[i], "output", n_units * dh, tuple(u * dh for u in range(n_units)), dh, unit)
+    if spec.qkv_layout == "concat" and m.n_kv_heads == nh:
+        return Site(which, spec.qkv[0], "output", 3 * nh * dh, tuple(i * nh * dh + u * dh for u in range(nh)), dh,
+                    unit)
+    if spec.qkv_layout == "interleaved" and m.n_kv_heads == nh:
+        return Site(which, spec.qkv[0], "output", 3 * nh * dh, tuple(u * 3 * dh + i * dh for u in range(nh)), dh,
+                    unit)
+    raise NotImplementedError(
+        f"{spec.family} has no usable q/k/v layout (qkv={spec.qkv!r}, qkv_layout={spec.qkv_layout!r}, "
+        f"n_kv_heads={m.n_kv_heads}). Set `qkv` and `qkv_layout` in its ArchSpec (interplab/model.py)."
+    )
+
+
+def _envoy(m, where: Site, layer: int):
+    block = m.envoy(m.spec.blocks)[layer]
+    return block if where.path is None else m.envoy(where.path, layer)
+
+
+def _check(m, task, mode: str, batch_size: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'denoising' (clean into corrupt) or 'noising' (corrupt into clean), "
+                         f"got {mode!r}")
+    if task.clean.shape != task.corrupt.shape or task.clean.dim() != 2:
+        raise ValueError(f"clean {tuple(task.clean.shape)} and corrupt {tuple(task.corrupt.shape)} prompts must "
+                         "both be [n, seq] with equal shapes; interplab never pads. Rebuild the task so every "
+                         "pair has the same token length.")
+    n = task.clean.shape[0]
+    if task.answer.shape != (n,) or task.wrong.shape != (n,):
+        raise ValueError(f"the task has {n} prompts but answer {tuple(task.answer.shape)} and wrong "
+                         f"{tuple(task.wrong.shape)}; give one answer and one wrong token per prompt.")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive int (rows per forward pass), got {batch_size!r}")
+    limit = getattr(m.hf.config, "n_positions", None) or getattr(m.hf.config, "max_position_embeddings", None)
+    if limit and task.clean.shape[1] > limit:
+        raise ValueError(f"prompts have {task.clean.shape[1]} tokens but {m.name} takes at most {limit}")
+
+
+def rows_of(task, examples: torch.Tensor):
+    """The task restricted to (possibly repeated) `examples`: every per-example field is indexed."""
+    n = len(task)
+    picked = {}
+    for f in fields(task):
+        value = getattr(task, f.name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n:
+            picked[f.name] = value[examples.to(value.device)]
+        elif isinstance(value, list) and len(value) == n:
+            picked[f.name] = [value[i] for i in examples.tolist()]
+        elif isinstance(value, dict):
+            picked[f.name] = {k: v[examples.to(v.device)] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v
+                              for k, v in value.items()}
+    return replace(task, **picked)
+
+
+def _task_metric(task) -> Metric:
+    return lambda logits, examples: rows_of(task, examples).metric(logits)
+
+
+def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool):
+    """One unpatched run over all examples: per-layer site activations, block outputs, metric.
+
+    Returns acts `[n_layers, n, seq, width]`, block outputs `[n_layers, n, seq, d_model]`, metric `[n]`.
+    """
+    blocks = m.envoy(m.spec.blocks)
+    acts, outs, scores = [], [], []
+    for start in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[start : start + batch_size]
+        a, o = [], []  # made outside the trace: nnsight pushes back only saved values, not new lists
+        with torch.no_grad(), m.nn.trace(chunk, remote=remote, logits_to_keep=1):
+            for layer in range(m.n_layers):  # in execution order, as nnsight requires
+                a.append(getattr(_envoy(m, where, layer), where.side).save())
+                o.append(blocks[layer].output.save())
+            logits = m.nn.output.logits[:, -1].save()
+        acts.append(torch.stack(a))
+        outs.append(torch.stack(o))
+        scores.append(metric(logits, torch.arange(start, start + chunk.shape[0])))
+    return torch.cat(acts, 1), torch.cat(outs, 1), torch.cat(scores)
+
+
+def _patched_run(m, where: Site, layer: int, tokens, mask, source, prefix, remote: bool) -> torch.Tensor:
+    """One trace: row i gets `where(mask[i], source[i], activation[i])` at `layer`. Final logits `[B, d_vocab]`.
+
+    `prefix` `[B, seq, d_model]`, if given, is the base output of block `layer - 1`: blocks < layer are skipped.
+    """
+    blocks = m.envoy(m.spec.blocks)
+    with torch.no_grad(), m.nn.trace(tokens, remote=remote, logits_to_keep=1):
+        if prefix is not None:
+            for earlier in range(layer):
+                blocks[earlier].skip(prefix)
+        target = _envoy(m, where, layer)
+        if where.side == "input":
+            target.input = torch.where(mask, source, target.input)
+        else:
+            target.output = torch.where(mask, source, target.output)
+        logits = m.nn.output.logits[:, -1].save()
+    return logits
+
+
+def sweep(
+    m,
+    task,
+    kind: str,
+    per_position: bool = True,
+    mode: str = "denoising",
+    normalize: bool = True,
+    metric: Metric | None = None,
+    batch_size: int = 256,
+    reuse_prefix: bool = True,
+    remote: bool = False,
+    progress: bool = True,
+) -> Scores:
+    """Patch every component of one `kind` (see `KINDS`), one at a time, and score each.
+
+    Components are (layer, unit[, pos]); units are heads for "heads"/"q"/"k"/"v"
+    and the whole activation otherwise. With `per_position=False` a patch covers
+    every position. `metric(final_logits [B, d_vocab], examples [B]) -> [B]`
+    defaults to the task's metric. The result is the mean over examples, and
+    with `normalize` it is `(mean patched - mean corrupt) / (mean clean - mean corrupt)`
+    (a ratio of means, stable when single examples have a small clean-corrupt gap).
+    `batch_size` bounds the rows (component x example) per forward pass.
+    """
+    _check(m, task, mode, batch_size)
+    where = site(m, kind)
+    metric = metric or _task_metric(task)
+    clean_tokens, corrupt_tokens = task.clean.to(m.device), task.corrupt.to(m.device)
+    base, source = (corrupt_tokens, clean_tokens) if mode == "denoising" else (clean_tokens, corrupt_tokens)
+
+    source_acts, _, source_metric = _cache(m, source, where, metric, batch_size, remote)
+    _, base_outs, base_metric = _cache(m, base, where, metric, batch_size, remote)
+    clean_metric, corrupt_metric = (source_metric, base_metric) if mode == "denoising" else (base_metric,
+                                                                                             source_metric)
+    n, seq = base.shape
+    n_units, n_pos = len(where.starts), seq if per_position else 1
+    # positions[p]: the positions a patch at position index p covers, (n_pos, seq)
+    positions = torch.eye(seq, dtype=torch.bool) if per_position else torch.ones(1, seq, dtype=torch.bool)
+    columns = where.columns()  # (n_units, width)
+    # Rows of one layer, component-major: row r patches unit r // (n_pos*n), position r // n % n_pos, example r % n.
+    rows = torch.arange(n_units * n_pos * n)
+    unit_of, pos_of, example_of = rows // (n_pos * n), rows // n % n_pos, rows % n
+
+    batches = [(layer, rows[s : s + batch_size]) for layer in range(m.n_layers)
+               for s in range(0, len(rows), batch_size)]
+    patched = torch.empty(m.n_layers, len(rows), dtype=source_acts.dtype)
+    for layer, batch in tqdm(batches, desc=f"patching {kind}", disable=not progress):
+        ex = example_of[batch]
+        mask = positions[pos_of[batch]][:, :, None] & columns[unit_of[batch]][:, None, :]  # (B, seq, width)
+        prefix = base_outs[layer - 1][ex] if reuse_prefix and layer > 0 else None
+        logits = _patched_run(m, where, layer, base[ex], mask.to(m.device), source_acts[layer][ex], prefix, remote)
+        patched[layer, batch] = metric(logits, ex).to(patched.dtype).cpu()
+
+    values = patched.view(m.n_layers, n_units, n_pos, n).mean(-1)  # (n_layers, n_units, n_pos)
+    if normalize:
+        values = metrics.normalized_effect(values, clean_metric.mean().cpu(), corrupt_metric.mean().cpu())
+    return _scores(m, task, where, per_position, values, dict(
+        kind=kind, mode=mode, normalize=normalize, task=task.name, n=n,
+        clean_metric=clean_metric.mean().item(), corrupt_metric=corrupt_metric.mean().item()))
+
+
+def _scores(m, task, where: Site, per_position: bool, values: torch.Tensor, meta: dict) -> Scores:
+    dims, labels = ["layer"], {}
+    if where.unit:
+        dims.append(where.unit)
+    else:
+        values = values[:, 0]
+    if per_position:
+        dims.append("pos")
+        labels["pos"] = m.to_str_tokens(task.clean[0])
+    else:
+        values = values[..., 0]
+    effect = "normalized effect" if meta["normalize"] else "metric"
+    meta["title"] = f"{meta['mode']} {where.kind} patching on {meta['task']} ({effect})"
+    return Scores(values, tuple(dims), labels, meta)
+
+
+def resid(m, task, **options) -> Scores:
+    """Patch the residual stream entering each block, one position at a time: Scores over (layer, pos)."""
+    return sweep(m, task, "resid", per_position=True, **options)
+
+
+def attn_out(m, task, per_position: bool = True, **options) -> Scores:
+    """Patch each layer's attention output: Scores over (layer, pos), or (layer,) without `per_position`."""
+    return sweep(m, task, "attn_out", per_position=per_position, **options)
+
+
+def mlp_out(m, task, per_position: bool = True, **options) -> Scores:
+    """Patch each layer's MLP output: Scores over (layer, pos), or (layer,) without `per_position`."""
+    return sweep(m, task, "mlp_out", per_position=per_position, **options)
+
+
+def heads(m, task, per_position: bool = False, **options) -> Scores:
+    """Patch each head's output (its slice of the output projection's input): Scores over (layer, head[, pos])."""
+    return sweep(m, task, "heads", per_position=per_position, **options)
+
+
+def head_inputs(m, task, which: str = "q", per_position: bool = False, **options) -> Scores:
+    """Patch the input of each head's query, key or value projection (`which`): Scores over (layer, head[, pos]).
+
+    Under grouped-query attention keys and values are shared, so "k"/"v" sweep key/value heads (dim "kv_head").
+    """
+    if which not in ("q", "k", "v"):
+        raise ValueError(f"which must be 'q', 'k' or 'v', got {which!r}")
+    return sweep(m, task, which, per_position=per_position, **options)

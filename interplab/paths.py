@@ -1,0 +1,269 @@
+"""Path patching (Wang et al. 2022) and path hypotheses (Goldowsky-Dill et al. 2023).
+
+`path_patch` asks, for every attention head as a *sender*, how much of the effect
+flows from it directly into chosen *receivers* (the logits, an MLP, or chosen heads'
+q/k/v inputs). In the IOI paper's order: (1) run the base prompt with every head
+frozen to its base value except the sender, which takes its value from the source
+prompt, and MLPs and norms recomputed, recording the receivers' inputs; (2) run the
+base prompt again with only the receivers' inputs replaced by those recordings.
+Rows of one batched run carry different senders.
+
+`test` evaluates a hypothesis: a set of paths from the input to the logits (or a
+`Circuit`, a set of edges). The model is run "treeified": along every path in the set
+the input is the clean prompt, along every other path the corrupt one, and the
+report is the proportion of the clean-vs-corrupt effect that survives,
+(m_hypothesis - m_corrupt) / (m_clean - m_corrupt).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import circuits, edgewise
+from .circuits import Circuit, Graph, check_task, subtask
+from .model import Model
+from .scores import Scores
+from .tasks import Task
+
+_HEAD_INPUT = re.compile(r"a(\d+)\.h(\d+)(?:<([qkv])>)?$")
+_SLOTS = "qkv"
+
+
+def _parse_receivers(m: Model, receivers: str | list[str]) -> list:
+    """Receivers as ("logits",), ("mlp", l) or ("head", l, h, slot); "a1.h2" means all of q, k, v."""
+    names = [receivers] if isinstance(receivers, str) else list(receivers)
+    parsed = []
+    for name in names:
+        head = _HEAD_INPUT.match(name)
+        if name == "logits":
+            parsed.append(("logits",))
+        elif re.fullmatch(r"m\d+", name) and int(name[1:]) < m.n_layers:
+            parsed.append(("mlp", int(name[1:])))
+        elif head and int(head[1]) < m.n_layers and int(head[2]) < m.n_heads:
+            parsed += [("head", int(head[1]), int(head[2]), s) for s in (head[3] or _SLOTS)]
+        else:
+            raise ValueError(f"unknown receiver {name!r}; use 'logits', 'm{{layer}}', 'a{{layer}}.h{{head}}' "
+                             f"or 'a{{layer}}.h{{head}}<q|k|v>' with layer < {m.n_layers}, head < {m.n_heads}")
+    return parsed
+
+
+class _Freeze(edgewise.Hooks):
+    """Step 1: heads frozen to base values except each row's sender; records receivers' inputs."""
+
+    def __init__(self, base: list[torch.Tensor], source: list[torch.Tensor], senders: torch.Tensor):
+        self.base, self.source, self.senders = base, source, senders  # senders: (C, L, H) bool
+        self.resid_pre: list[torch.Tensor] = []
+        self.mlp_in: list[torch.Tensor] = []
+
+    def frozen_heads(self, layer, resid):
+        self.resid_pre.append(resid)
+        pick = self.senders[:, layer, None, :, None, None]  # (C, 1, H, 1, 1)
+        return torch.where(pick, self.source[layer][None], self.base[layer][None]).flatten(0, 1)
+
+    def mlp_input(self, layer, resid):
+        self.mlp_in.append(resid)
+        return resid
+
+    def logits_input(self, resid):
+        self.resid_pre.append(resid)
+        return resid
+
+
+class _Receive(edgewise.Hooks):
+    """Step 2: the base run with only the receivers' inputs replaced by step 1's recordings."""
+
+    def __init__(self, receivers: list, recorded: _Freeze, n_heads: int):
+        self.receivers, self.recorded, self.n_heads = receivers, recorded, n_heads
+
+    def qkv_input(self, layer, resid):
+        chosen = [(r[2], _SLOTS.index(r[3])) for r in self.receivers if r[0] == "head" and r[1] == layer]
+        if not chosen:
+            return resid[:, None, None]
+        B, T, D = resid.shape
+        x = resid[:, None, None].expand(B, 3, self.n_heads, T, D).clone()
+        for head, slot in chosen:
+            x[:, slot, head] = self.recorded.resid_pre[layer]
+        return x
+
+    def mlp_input(self, layer, resid):
+        return self.recorded.mlp_in[layer] if ("mlp", layer) in self.receivers else resid
+
+    def logits_input(self, resid):
+        return self.recorded.resid_pre[-1] if ("logits",) in self.receivers else resid
+
+
+def _heads(record: edgewise.Record) -> list[torch.Tensor]:
+    """Per-layer head outputs `[B, H, T, D]` of a recorded run (its senders alternate heads, MLP)."""
+    return [heads.transpose(0, 1) for heads in record.outputs[1::2]]
+
+
+@torch.no_grad()
+def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode: str = "noising",
+               batch_size: int = 16, senders_per_run: int = 16) -> Scores:
+    """Path-patching effect of every head (sender) on `receivers`: Scores over (layer, head).
+
+    mode "noising" (the IOI paper's): base = clean prompt, sender from the corrupt prompt; the
+    score is (m_patched - m_clean) / (m_clean - m_corrupt), so -1 means the path carries the
+    whole effect. mode "denoising": base = corrupt, sender from clean; score
+    (m_patched - m_corrupt) / (m_clean - m_corrupt). A head at or after the last receiver's
+    layer has no path to it and scores 0.
+    """
+    if mode not in ("noising", "denoising"):
+        raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
+    edgewise.check_supported(m)
+    check_task(task)
+    parsed = _parse_receivers(m, receivers)
+    L, H = m.n_layers, m.n_heads
+    one_hot = torch.eye(L * H, dtype=torch.bool, device=m.device).view(L * H, L, H)
+    totals = torch.zeros(L * H, dtype=torch.float64)
+    clean_total = corrupt_total = 0.0
+    batches = [subtask(task, slice(i, i + batch_size)) for i in range(0, len(task), batch_size)]
+    chunks = range(0, L * H, senders_per_run)
+    progress = tqdm(total=len(batches) * len(chunks), desc="path patching", disable=len(batches) * len(chunks) < 4)
+    for part in batches:
+        base_tokens, source_tokens = (part.clean, part.corrupt) if mode == "noising" else (part.corrupt, part.clean)
+        base_logits, base = edgewise.record(m, base_tokens)
+        source_logits, source = edgewise.record(m, source_tokens)
+        clean_logits, corrupt_logits = ((base_logits, source_logits) if mode == "noising"
+                                        else (source_logits, base_logits))
+        clean_total += part.metric(clean_logits).sum().item()
+        corrupt_total += part.metric(corrupt_logits).sum().item()
+        for first in chunks:
+            senders = one_hot[first:first + senders_per_run]
+            freeze = _Freeze(_heads(base), _heads(source), senders)
+            rows = edgewise.embed(m, base_tokens.repeat(len(senders), 1))
+            edgewise.run(m, rows, freeze)
+            logits = edgewise.run(m, rows, _Receive(parsed, freeze, H))
+            for c, group in enumerate(logits.unflatten(0, (len(senders), -1))):
+                totals[first + c] += part.metric(group).sum().item()
+            progress.update()
+    progress.close()
+    n = len(task)
+    clean, corrupt = clean_total / n, corrupt_total / n
+    reference = clean if mode == "noising" else corrupt
+    values = ((totals / n - reference) / (clean - corrupt)).float()
+    return Scores(values.view(L, H), ("layer", "head"),
+                  meta={"title": f"path patching → {receivers}", "mode": mode, "task": task.name,
+                        "receivers": receivers, "clean": clean, "corrupt": corrupt})
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A set of paths from the input to the logits.
+
+    A path names the receivers it passes through: ("input", "a0.h3<v>", "a2.h1<k>", "logits")
+    enters head 0.3 through its value input, leaves it into head 2.1's key input, and leaves
+    that head into the logits. MLPs appear as "m{layer}".
+    """
+
+    paths: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self):
+        for path in self.paths:
+            if len(path) < 2 or path[0] != "input" or path[-1] != "logits":
+                raise ValueError(f"a path must run from 'input' to 'logits', got {path}")
+
+    @classmethod
+    def of(cls, circuit: Circuit, limit: int = 100_000) -> Hypothesis:
+        """Every complete input-to-logits path made of the circuit's edges (an error past `limit`)."""
+        graph, found = circuit.graph, []
+
+        def extend(suffix: tuple[str, ...]):
+            r = graph.receiver_index(suffix[0])
+            for s in circuit.mask[:, r].nonzero().flatten().tolist():
+                sender = graph.senders[s]
+                if sender == "input":
+                    found.append(("input",) + suffix)
+                    if len(found) > limit:
+                        raise ValueError(f"the circuit has more than {limit} paths; test it as a Circuit instead")
+                else:
+                    for slot in _slots_of(sender):
+                        if circuit.mask[:, graph.receiver_index(slot)].any():
+                            extend((slot,) + suffix)
+
+        extend(("logits",))
+        return cls(tuple(found))
+
+
+def _slots_of(node: str) -> list[str]:
+    """Receiver names through which a sender node takes its input."""
+    return [node] if node.startswith("m") else [f"{node}<{s}>" for s in _SLOTS]
+
+
+def _node(receiver: str) -> str:
+    return receiver.split("<")[0]
+
+
+class _Treeified:
+    """Evaluates a hypothesis: each node is computed once per path suffix it appears on."""
+
+    def __init__(self, m: Model, graph: Graph, hypothesis: Hypothesis, clean_embeds, corrupt: edgewise.Record):
+        self.m, self.graph, self.corrupt = m, graph, corrupt
+        self.clean_embeds = clean_embeds
+        self.corrupt_senders = corrupt.senders()
+        self.suffixes = {(_node(p[i]), p[i + 1:]) for p in hypothesis.paths for i in range(len(p) - 1)}
+        self.memo: dict = {}
+
+    def logits(self) -> torch.Tensor:
+        return edgewise.unembed(self.m, self._input("logits", ()))
+
+    def _input(self, receiver: str, suffix: tuple[str, ...]) -> torch.Tensor:
+        """The receiver's input on path suffix `suffix`: corrupt, except along hypothesis paths."""
+        context = (receiver,) + suffix
+        x = self._corrupt_input(receiver)
+        r = self.graph.receiver_index(receiver)
+        for s in self.graph.valid[:, r].nonzero().flatten().tolist():
+            sender = self.graph.senders[s]
+            if (sender, context) in self.suffixes:
+                x = x + self._output(sender, context) - self.corrupt_senders[s]
+        return x
+
+    def _output(self, sender: str, suffix: tuple[str, ...]) -> torch.Tensor:
+        key = (sender, suffix)
+        if key not in self.memo:
+            self.memo[key] = self._compute(sender, suffix)
+        return self.memo[key]
+
+    def _compute(self, sender: str, suffix: tuple[str, ...]) -> torch.Tensor:
+        if sender == "input":
+            return self.clean_embeds
+        if sender.startswith("m"):
+            return edgewise.mlp(self.m, int(sender[1:]), self._input(sender, suffix))
+        layer, head = (int(v) for v in _HEAD_INPUT.match(sender).groups()[:2])
+        x_qkv = torch.stack([self._input(slot, suffix) for slot in _slots_of(sender)], 1)  # (B, 3, T, D)
+        return edgewise.attend_head(self.m, layer, head, x_qkv)
+
+    def _corrupt_input(self, receiver: str) -> torch.Tensor:
+        if receiver == "logits":
+            return self.corrupt.resid_pre[-1]
+        if receiver.startswith("m"):
+            return self.corrupt.mlp_in[int(receiver[1:])]
+        return self.corrupt.resid_pre[int(_HEAD_INPUT.match(receiver)[1])]
+
+
+@torch.no_grad()
+def test(m: Model, task: Task, hypothesis: Hypothesis | Circuit, batch_size: int = 32) -> float:
+    """Proportion of the clean-vs-corrupt effect explained: (m_hyp - m_corrupt) / (m_clean - m_corrupt).
+
+    A `Circuit` is tested as its edge set (every path made only of its edges), which is its
+    `circuits.faithfulness`. A `Hypothesis` is tested path by path, treeified.
+    """
+    if isinstance(hypothesis, Circuit):
+        return circuits.faithfulness(m, task, hypothesis, batch_size)
+    edgewise.check_supported(m)
+    graph = Graph.from_model(m)
+    for path in hypothesis.paths:
+        for sender, receiver in zip(path, path[1:]):
+            graph.edge_mask([(_node(sender), receiver)])  # raises on a non-edge
+    clean, corrupt = circuits.clean_corrupt_metrics(m, task, batch_size)
+    total = 0.0
+    for start in range(0, len(task), batch_size):
+        part = subtask(task, slice(start, start + batch_size))
+        _, recorded = edgewise.record(m, part.corrupt)
+        run = _Treeified(m, graph, hypothesis, edgewise.embed(m, part.clean), recorded)
+        total += part.metric(run.logits()).sum().item()
+    return (total / len(task) - corrupt) / (clean - corrupt)

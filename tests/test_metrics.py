@@ -1,0 +1,55 @@
+"""Metrics against planted values and independent formulas."""
+
+import math
+
+import pytest
+import torch
+
+from interplab import metrics
+
+
+def test_logit_diff_planted_and_final_position():
+    logits = torch.zeros(2, 3, 5)
+    logits[0, -1, 1], logits[0, -1, 4] = 3.0, 0.5
+    logits[1, -1, 2], logits[1, 0, 2] = -1.0, 100.0  # an earlier position must be ignored
+    got = metrics.logit_diff(logits, torch.tensor([1, 2]), torch.tensor([4, 0]))
+    assert got.tolist() == [2.5, -1.0]
+    assert torch.equal(metrics.logit_diff(logits[:, -1], torch.tensor([1, 2]), torch.tensor([4, 0])), got)
+
+
+def test_answer_prob_matches_softmax_by_hand():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]])
+    got = metrics.answer_prob(logits, torch.tensor([2, 0]))
+    for row, answer, value in zip(logits.tolist(), [2, 0], got.tolist()):
+        assert value == pytest.approx(math.exp(row[answer]) / sum(math.exp(x) for x in row), rel=1e-6)
+
+
+def test_normalized_effect_endpoints_and_error():
+    clean, corrupt = torch.tensor(4.0), torch.tensor(-2.0)
+    got = metrics.normalized_effect(torch.tensor([4.0, -2.0, 1.0]), clean, corrupt)
+    assert got.tolist() == [1.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match="undefined"):
+        metrics.normalized_effect(torch.tensor([1.0]), torch.tensor(2.0), torch.tensor(2.0))
+
+
+def test_kl_divergence_matches_torch_distributions():
+    torch.manual_seed(0)
+    p, q = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    want = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
+                                             torch.distributions.Categorical(logits=q))
+    torch.testing.assert_close(metrics.kl_divergence(p, q), want)
+    torch.testing.assert_close(metrics.kl_divergence(p, p + 3.0), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.kl_divergence(p, q[:, :5])
+
+
+def test_accuracy_planted():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 9.0], [1.0, 0.0, 0.0]])
+    assert metrics.accuracy(logits, torch.tensor([1, 0, 0, 0])).item() == 0.75
+
+
+def test_bad_shapes_give_clear_errors():
+    with pytest.raises(ValueError, match="one per example"):
+        metrics.logit_diff(torch.zeros(3, 5), torch.tensor([1, 2]), torch.tensor([0, 0, 0]))
+    with pytest.raises(ValueError, match="expected logits"):
+        metrics.accuracy(torch.zeros(5), torch.tensor([1]))

@@ -1,0 +1,76 @@
+"""The patching explorer's callbacks, driven by setting widget values as a browser would."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import interplab as il
+from interplab import patching, widgets
+from interplab.organisms.tokenizer import build_tokenizer
+from interplab.tasks import Task
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), n_layer=2, n_head=3, n_embd=24, n_positions=16, initializer_range=0.3)
+    m = il.load(GPT2LMHeadModel(config).double(), tokenizer=tok)
+    g = torch.Generator().manual_seed(1)
+    tasks = []
+    for name, seq in (("short", 4), ("long", 6)):
+        clean = torch.randint(3, m.d_vocab, (2, seq), generator=g)
+        corrupt = torch.randint(3, m.d_vocab, (2, seq), generator=g)
+        answer, wrong = torch.randint(3, m.d_vocab, (2, 2), generator=g)
+        tasks.append(Task(name, clean, corrupt, answer, wrong, [""] * 2, [""] * 2))
+    return m, tasks
+
+
+def test_controls_redraw_the_sweep_they_name(setup):
+    m, tasks = setup
+    ex = widgets.explorer(m, tasks)
+    assert ex.scores.dims == ("layer", "head") and ex.scores.meta["task"] == "short"
+
+    ex.per_position.value = True
+    assert ex.scores.dims == ("layer", "head", "pos") and ex.scores.shape[-1] == 4
+    assert len(ex.figure.data) == m.n_layers
+
+    ex.task.value = "long"
+    want = patching.heads(m, tasks[1], per_position=True, progress=False)
+    torch.testing.assert_close(ex.scores.values, want.values)
+    assert ex.figure.layout.title.text == want.meta["title"]
+
+    ex.mode.value = "noising"
+    assert ex.scores.meta["mode"] == "noising"
+    torch.testing.assert_close(ex.scores.values, patching.heads(m, tasks[1], per_position=True, mode="noising",
+                                                                progress=False).values)
+
+    ex.kind.value = "mlp_out"
+    assert ex.scores.dims == ("layer", "pos") and ex.scores.meta["kind"] == "mlp_out"
+    ex.per_position.value = False
+    assert ex.scores.dims == ("layer",)
+
+
+def test_resid_is_always_per_position(setup):
+    m, tasks = setup
+    ex = widgets.explorer(m, {"short": tasks[0]}, kind="resid", per_position=False)
+    assert ex.per_position.disabled and ex.scores.dims == ("layer", "pos")
+    ex.kind.value = "attn_out"
+    assert not ex.per_position.disabled and ex.scores.dims == ("layer",)
+
+
+def test_redraw_reuses_cached_sweeps(setup, monkeypatch):
+    m, tasks = setup
+    ex = widgets.explorer(m, tasks)
+    calls = []
+    original = patching.sweep
+    monkeypatch.setattr(patching, "sweep", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ex.per_position.value = True
+    ex.per_position.value = False
+    assert len(calls) == 1
+
+
+def test_needs_a_task(setup):
+    m, _ = setup
+    with pytest.raises(ValueError, match="at least one task"):
+        widgets.explorer(m, {})
