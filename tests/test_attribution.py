@@ -8,7 +8,7 @@ import interplab as il
 from interplab import attribution, circuits
 from interplab.circuits import Circuit, Graph
 from interplab.organisms.tokenizer import build_tokenizer
-from interplab.tasks import Task
+from interplab.tasks import Task, random_tokens
 
 TOL = 1e-6
 
@@ -24,13 +24,7 @@ def setup():
             if name.endswith("bias"):
                 p.normal_(0, 0.2)
     m = il.load(hf, tokenizer=tok)
-    g = torch.Generator().manual_seed(0)
-    n, seq = 3, 6
-    clean = torch.randint(3, m.d_vocab, (n, seq), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 1:3] = torch.randint(3, m.d_vocab, (n, 2), generator=g)
-    answer, wrong = torch.randint(3, m.d_vocab, (2, n), generator=g)
-    return m, Task("random", clean, corrupt, answer, wrong, [""] * n, [""] * n)
+    return m, random_tokens(m, n=3, seq=6)
 
 
 def hf_senders(m, tokens):

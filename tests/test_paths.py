@@ -9,7 +9,7 @@ from interplab import attribution, circuits, paths
 from interplab.model import ORGANISM_DIR
 from interplab.organisms.tokenizer import build_tokenizer
 from interplab.paths import Hypothesis
-from interplab.tasks import Task
+from interplab.tasks import random_tokens
 
 TOL = 1e-5
 TINY_BASE = (ORGANISM_DIR / "tiny-base" / "model.safetensors").exists()
@@ -21,13 +21,7 @@ def setup():
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tok), n_layer=3, n_head=3, n_embd=24, n_positions=32, initializer_range=0.3)
     m = il.load(GPT2LMHeadModel(config).double(), tokenizer=tok)
-    g = torch.Generator().manual_seed(0)
-    n, seq = 4, 6
-    clean = torch.randint(3, m.d_vocab, (n, seq), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 1:4] = torch.randint(3, m.d_vocab, (n, 3), generator=g)
-    answer, wrong = torch.randint(3, m.d_vocab, (2, n), generator=g)
-    return m, Task("random", clean, corrupt, answer, wrong, [""] * n, [""] * n)
+    return m, random_tokens(m, n=4, seq=6)
 
 
 def hooked(m, tokens, hooks, grad=False):
