@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from interplab.decompose import Decomposition, decompose, linear_weight
-from interplab.toy_models import ground_truth_components, sparse_features, train_tms
+from interplab.toy_models import ground_truth_components, match_ground_truth, sparse_features, train_tms
 
 # The SPD paper reports mean max cosine 1.000 and L2 ratios 0.99–1.03; 5-2 is tuned to get there in 1,000 steps.
 TMS_CASES = {
@@ -47,13 +47,14 @@ def set_exact(dec: Decomposition, name: str, weight: torch.Tensor) -> None:
         comp.V.copy_(vh)
 
 
-def match_ground_truth(components: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per true piece: max cosine over learned pieces, and the L2 norm ratio of that best match."""
-    learned, truth = components.flatten(1), truth.flatten(1)  # (C, n), (F, n)
-    cosine = F.normalize(truth, dim=1) @ F.normalize(learned, dim=1).T  # (F, C)
-    best = cosine.max(dim=1)
-    ratio = learned[best.indices].norm(dim=1) / truth.norm(dim=1)
-    return best.values, ratio
+def test_match_ground_truth_on_hand_made_pieces():
+    e = torch.eye(3)
+    truth = torch.stack([torch.outer(e[0], e[1]), torch.outer(e[2], e[0])])  # two orthogonal rank-1 pieces
+    components = torch.stack([2 * truth[0], -truth[1], truth[1] + truth[0]])
+    cosine, ratio = match_ground_truth(components, truth)
+    # piece 0: best is 2*truth0 (cos 1, norm ratio 2); piece 1: best is truth1+truth0 (cos 1/sqrt 2, ratio sqrt 2)
+    torch.testing.assert_close(cosine, torch.tensor([1.0, 2**-0.5]))
+    torch.testing.assert_close(ratio, torch.tensor([2.0, 2**0.5]))
 
 
 @pytest.mark.parametrize("case", ["5-2", pytest.param("40-10", marks=NOT_YET)])
