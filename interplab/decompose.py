@@ -12,7 +12,9 @@ component's inner activation `V[c] · a` and outputs its *causal importance*
   components masked by `m = g + (1 − g) r`, `r ~ U(0, 1)`, must match the
   original output (KL for language models, MSE otherwise),
 - layerwise stochastic reconstruction: the same with one module masked at a time,
-- importance minimality `Σ_c |g_c|^p`, so few components are needed per token,
+- importance minimality `Σ_c |g_c|^p`, so few components are needed per token
+  (optionally weighted up for components that fire often, `beta > 0`, which
+  splits components that merged several features; see `minimality_loss`),
 - the adversarial (PGD) reconstruction, where the free part `r` of the masks is
   chosen by sign-gradient ascent to hurt reconstruction most (always logged;
   trained on when its coefficient `pgd > 0`).
@@ -114,6 +116,20 @@ class Components(nn.Module):
     def output(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`Σ_c m_c U[:, c] (V[c] · a)`: `[..., d_in]`, mask `[..., C]` -> `[..., d_out]`."""
         return (self.inner(a) * mask) @ self.U.T
+
+
+def minimality_loss(g_upper: torch.Tensor, pnorm: float, beta: float = 0.0) -> torch.Tensor:
+    """`Σ_c mean(g_c^p) · (1 + β log2(1 + Σ g_c^p))` over the rows of `g_upper` `[..., C]`.
+
+    With `β = 0` this is the plain importance minimality `mean over rows of Σ_c g^p`.
+    With `β > 0` a component active on many rows costs more than two components
+    sharing those rows, which tips ties towards splitting merged components
+    (SPD's frequency term; the sum runs over the batch, so β's effect grows
+    slowly with the batch size).
+    """
+    powered = (g_upper + 1e-12).pow(pnorm).flatten(0, -2)  # (rows, C)
+    per_component = powered.mean(0) * (1 + beta * torch.log2(1 + powered.sum(0)))  # (C,)
+    return per_component.sum()
 
 
 def _submodule(root: nn.Module, name: str) -> nn.Module:
@@ -318,7 +334,7 @@ class Decomposition:
         return self._reconstruction(self._call(inputs, masks), target, kind)
 
     def losses(
-        self, inputs: torch.Tensor, output_loss: str = "auto", pnorm: float = 1.0,
+        self, inputs: torch.Tensor, output_loss: str = "auto", pnorm: float = 1.0, beta: float = 0.0,
         pgd_steps: int = 0, pgd_step_size: float = 0.1,
     ) -> dict[str, torch.Tensor]:
         """Every loss term on one batch (differentiable). Keys as in `history`; `"pgd"` if `pgd_steps > 0`."""
@@ -336,7 +352,7 @@ class Decomposition:
             out[f"faithfulness/{name}"] = value
         for name, x in logits.items():
             g_upper = upper_leaky_hard_sigmoid(x)
-            out[f"minimality/{name}"] = (g_upper + 1e-12).pow(pnorm).sum(-1).mean()
+            out[f"minimality/{name}"] = minimality_loss(g_upper, pnorm, beta)
             out[f"L0/{name}"] = (gates[name] > L0_THRESHOLD).sum(-1).float().mean()
         if pgd_steps > 0:
             out["pgd"] = self.pgd_loss(inputs, gates, target, kind, pgd_steps, pgd_step_size)
@@ -371,6 +387,7 @@ class Decomposition:
         layerwise: float = 1.0,
         minimality: float = 1e-3,
         pnorm: float = 1.0,
+        beta: float = 0.0,
         pgd: float = 0.0,
         pgd_steps: int = 5,
         pgd_step_size: float = 0.1,
@@ -381,7 +398,9 @@ class Decomposition:
     ) -> Decomposition:
         """Train on batches from `data`; the weighted loss is
 
-        `faithfulness·F + stochastic·S + layerwise·mean(L) + minimality·Σ|g|^pnorm + pgd·PGD`.
+        `faithfulness·F + stochastic·S + layerwise·mean(L) + minimality·M + pgd·PGD`,
+
+        with `M = minimality_loss(g, pnorm, beta)` (`Σ_c mean |g_c|^pnorm` when `beta = 0`).
 
         `data` is a tensor of model inputs `[n, ...]` (`batch_size` rows sampled
         with replacement each step; for a language model a row is a sequence) or
@@ -400,7 +419,7 @@ class Decomposition:
         for step in bar:
             inputs = self._sample(data, batch_size)
             log = step % log_every == 0 or step == steps - 1
-            terms = self.losses(inputs, output_loss, pnorm, pgd_steps if (pgd > 0 or log) else 0, pgd_step_size)
+            terms = self.losses(inputs, output_loss, pnorm, beta, pgd_steps if (pgd > 0 or log) else 0, pgd_step_size)
             loss = self._weighted(terms, coefficients)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
