@@ -409,6 +409,8 @@ class Decomposition:
         Every `log_every` steps all terms, L0 and the PGD loss are logged to
         `history`. Uses the seeded generator of this decomposition.
         """
+        if beta < 0 or pnorm <= 0:
+            raise ValueError(f"need beta >= 0 and pnorm > 0 (got beta={beta}, pnorm={pnorm}); beta=0 is plain minimality")
         self._faithfulness_warmup(warmup_steps)
         log_every = log_every or max(1, steps // 50)
         coefficients = {"stochastic": stochastic, "faithfulness": faithfulness, "layerwise": layerwise,

@@ -208,3 +208,5 @@ def test_bad_inputs_raise_clear_errors():
         Decomposition(model, ["transformer.h.0.ln_1"], C=4)
     with pytest.raises(ValueError, match="linear"):
         Decomposition(model, ["transformer.wte"], C=4).run(tokens())
+    with pytest.raises(ValueError, match="beta"):
+        Decomposition(model, ["transformer.h.0.mlp.c_fc"], C=4).fit(tokens(), steps=1, beta=-1.0)
