@@ -35,7 +35,7 @@ chosen modules' outputs through forward hooks that exist only during one call.
     dec.importances(data(8, None))["linear1"]                 # [8, C] causal importances
     dec.plot().show()                                         # L0 and losses over training
 
-    # 40 features in 10 dimensions needs more: C=100, gate_hidden=16, steps=2000, batch_size=1024,
+    # 40 features in 10 dimensions needs more: C=100, gate_hidden=16, steps=3000, batch_size=1024,
     # faithfulness=10.0, minimality=1.5e-4, beta=1.0, pgd=1.0, pgd_steps=2 (tests/test_decompose.py)
 
 (b) One MLP module of an organism (tokens: any LongTensor `[n, seq]`)::

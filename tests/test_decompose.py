@@ -13,13 +13,13 @@ from interplab.decompose import Decomposition, decompose, linear_weight, minimal
 from interplab.toy_models import ground_truth_components, match_ground_truth, sparse_features, train_tms
 
 # The SPD paper reports mean max cosine 1.000 and L2 ratios 0.99–1.03. Both cases are tuned to get
-# there on a CPU: 5-2 in 1,000 steps; 40-10 in 2,000 steps of batch 1,024 (SPD: 10,000 of 4,096), which
+# there on a CPU: 5-2 in 1,000 steps; 40-10 in 3,000 steps of batch 1,024 (SPD: 10,000 of 4,096), which
 # needs the frequency term (beta) to split components that merged two features, and trained PGD.
 TMS_CASES = {
     "5-2": dict(n_features=5, n_hidden=2, C=20, gate_hidden=4,
                 fit=dict(steps=1000, batch_size=512, lr=1e-2, minimality=1e-2)),
     "40-10": dict(n_features=40, n_hidden=10, C=100, gate_hidden=16,
-                  fit=dict(steps=2000, batch_size=1024, lr=1e-2, faithfulness=10.0, minimality=1.5e-4,
+                  fit=dict(steps=3000, batch_size=1024, lr=1e-2, faithfulness=10.0, minimality=1.5e-4,
                            beta=1.0, pgd=1.0, pgd_steps=2, log_every=500)),
 }
 
