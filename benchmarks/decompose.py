@@ -117,14 +117,12 @@ def main() -> None:
         tms = train_tms(40, 10, steps=1000, seed=0).to(args.device)
         tms_data = lambda n, g: sparse_features(n, 40, 0.05, g)  # noqa: E731
         bench("TMS 40-10", tms, "linear1", tms_data, args.steps, 512, 100, "mse", args.device)
-    if args.case == "tms":
-        return
-
-    model, label = organism(args.device)
-    vocab, seq = model.config.vocab_size, model.config.n_positions
-    tokens = torch.randint(vocab, (1024, seq), generator=torch.Generator().manual_seed(0)).to(args.device)
-    lm_data = lambda n, g: tokens[torch.randint(len(tokens), (n,), generator=g, device=g.device)]  # noqa: E731
-    bench(f"{label}", model, LAYER, lm_data, args.steps, 16, 64, "kl", args.device)
+    if args.case in ("all", "organism"):
+        model, label = organism(args.device)
+        vocab, seq = model.config.vocab_size, model.config.n_positions
+        tokens = torch.randint(vocab, (1024, seq), generator=torch.Generator().manual_seed(0)).to(args.device)
+        lm_data = lambda n, g: tokens[torch.randint(len(tokens), (n,), generator=g, device=g.device)]  # noqa: E731
+        bench(f"{label}", model, LAYER, lm_data, args.steps, 16, 64, "kl", args.device)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ def minimality_loss(g_upper: torch.Tensor, pnorm: float, beta: float = 0.0) -> t
     (SPD's frequency term; the sum runs over the batch, so β's effect grows
     slowly with the batch size).
     """
+    if beta < 0 or pnorm <= 0:
+        raise ValueError(f"need beta >= 0 and pnorm > 0 (got beta={beta}, pnorm={pnorm}); beta=0 is plain minimality")
     powered = (g_upper + 1e-12).pow(pnorm).flatten(0, -2)  # (rows, C)
     per_component = powered.mean(0) * (1 + beta * torch.log2(1 + powered.sum(0)))  # (C,)
     return per_component.sum()
@@ -412,8 +414,6 @@ class Decomposition:
         Every `log_every` steps all terms, L0 and the PGD loss are logged to
         `history`. Uses the seeded generator of this decomposition.
         """
-        if beta < 0 or pnorm <= 0:
-            raise ValueError(f"need beta >= 0 and pnorm > 0 (got beta={beta}, pnorm={pnorm}); beta=0 is plain minimality")
         self._faithfulness_warmup(warmup_steps)
         log_every = log_every or max(1, steps // 50)
         coefficients = {"stochastic": stochastic, "faithfulness": faithfulness, "layerwise": layerwise,
