@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import edgewise
-from .circuits import Circuit, Graph, check_task, subtask
+from .circuits import Circuit, Graph
 from .model import Model
 from .scores import Scores
 from .tasks import Task
@@ -76,7 +76,7 @@ class Gradients(edgewise.Hooks):
 def _batches(task: Task, batch_size: int):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    return [subtask(task, slice(i, i + batch_size)) for i in range(0, len(task), batch_size)]
+    return [task[i : i + batch_size] for i in range(0, len(task), batch_size)]
 
 
 def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_size: int = 16) -> Circuit:
@@ -91,7 +91,7 @@ def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_si
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     edgewise.check_supported(m)
-    check_task(task)
+    task.check_paired()
     steps = 1 if method == "EAP" else steps
     graph = Graph.from_model(m)
     total = 0
@@ -126,7 +126,7 @@ def nodes(m: Model, task: Task, batch_size: int = 16, per_position: bool = False
     One corrupt forward and one clean forward and backward per batch.
     """
     edgewise.check_supported(m)
-    check_task(task)
+    task.check_paired()
     heads = mlps = resid = 0
     for part in _batches(task, batch_size):
         _, corrupt = edgewise.record(m, part.corrupt)

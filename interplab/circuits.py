@@ -16,7 +16,7 @@ So the full graph reproduces the clean run and the empty circuit the corrupt run
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -197,23 +197,6 @@ class Patched(edgewise.Hooks):
         return self._input(slice(-1, None), self.corrupt.resid_pre[-1])[:, 0]
 
 
-def check_task(task: Task) -> None:
-    """Raise unless clean and corrupt prompts pair up position by position, as edge patching needs."""
-    if task.clean.shape != task.corrupt.shape:
-        raise ValueError(
-            f"clean {tuple(task.clean.shape)} and corrupt {tuple(task.corrupt.shape)} prompts differ in shape; "
-            "edge-level patching pairs them position by position, so build both to the same token length "
-            "(il.tasks.make does)."
-        )
-
-
-def subtask(task: Task, rows: slice) -> Task:
-    """The examples `rows` of `task`, as a Task of their own (so `metric` applies to a batch)."""
-    return replace(task, clean=task.clean[rows], corrupt=task.corrupt[rows], answer=task.answer[rows],
-                   wrong=task.wrong[rows], clean_text=task.clean_text[rows], corrupt_text=task.corrupt_text[rows],
-                   meta={k: v[rows] for k, v in task.meta.items()})
-
-
 @torch.no_grad()
 def circuit_metrics(m: Model, task: Task, circuits: list[Circuit], batch_size: int = 32,
                     circuits_per_run: int = 8) -> torch.Tensor:
@@ -221,13 +204,13 @@ def circuit_metrics(m: Model, task: Task, circuits: list[Circuit], batch_size: i
 
     One run per `circuits_per_run` circuits and `batch_size` examples: rows carry different circuits.
     """
-    check_task(task)
+    task.check_paired()
     edgewise.check_supported(m)
     masks = torch.stack([c.mask for c in circuits]).to(m.device)
     totals = torch.zeros(len(circuits), dtype=torch.float64)
     batches = [(i, j) for i in range(0, len(task), batch_size) for j in range(0, len(circuits), circuits_per_run)]
     for start, first in tqdm(batches, desc="circuits", disable=len(batches) < 4):
-        part = subtask(task, slice(start, start + batch_size))
+        part = task[start : start + batch_size]
         group = masks[first:first + circuits_per_run]
         _, corrupt = edgewise.record(m, part.corrupt)
         embeds = edgewise.embed(m, part.clean.repeat(len(group), 1))
@@ -242,7 +225,7 @@ def clean_corrupt_metrics(m: Model, task: Task, batch_size: int = 32) -> tuple[f
     """Mean task metric on the clean and on the corrupt prompts (edge-wise forward, like the circuit runs)."""
     clean = corrupt = 0.0
     for start in range(0, len(task), batch_size):
-        part = subtask(task, slice(start, start + batch_size))
+        part = task[start : start + batch_size]
         clean += part.metric(edgewise.run(m, edgewise.embed(m, part.clean))).sum().item()
         corrupt += part.metric(edgewise.run(m, edgewise.embed(m, part.corrupt))).sum().item()
     return clean / len(task), corrupt / len(task)

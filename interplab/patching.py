@@ -29,7 +29,7 @@ Sites (the activation patched at one layer, and its columns per head):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -127,24 +127,8 @@ def _check(m, task, mode: str, batch_size: int) -> None:
         raise ValueError(f"prompts have {task.clean.shape[1]} tokens but {m.name} takes at most {limit}")
 
 
-def rows_of(task, examples: torch.Tensor):
-    """The task restricted to (possibly repeated) `examples`: every per-example field is indexed."""
-    n = len(task)
-    picked = {}
-    for f in fields(task):
-        value = getattr(task, f.name)
-        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n:
-            picked[f.name] = value[examples.to(value.device)]
-        elif isinstance(value, list) and len(value) == n:
-            picked[f.name] = [value[i] for i in examples.tolist()]
-        elif isinstance(value, dict):
-            picked[f.name] = {k: v[examples.to(v.device)] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v
-                              for k, v in value.items()}
-    return replace(task, **picked)
-
-
 def _task_metric(task) -> Metric:
-    return lambda logits, examples: rows_of(task, examples).metric(logits)
+    return lambda logits, examples: task[examples].metric(logits)
 
 
 def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool):

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import circuits, edgewise
-from .circuits import Circuit, Graph, check_task, subtask
+from .circuits import Circuit, Graph
 from .model import Model
 from .scores import Scores
 from .tasks import Task
@@ -115,13 +115,13 @@ def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode
     if mode not in ("noising", "denoising"):
         raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
     edgewise.check_supported(m)
-    check_task(task)
+    task.check_paired()
     parsed = _parse_receivers(m, receivers)
     L, H = m.n_layers, m.n_heads
     one_hot = torch.eye(L * H, dtype=torch.bool, device=m.device).view(L * H, L, H)
     totals = torch.zeros(L * H, dtype=torch.float64)
     clean_total = corrupt_total = 0.0
-    batches = [subtask(task, slice(i, i + batch_size)) for i in range(0, len(task), batch_size)]
+    batches = [task[i : i + batch_size] for i in range(0, len(task), batch_size)]
     chunks = range(0, L * H, senders_per_run)
     progress = tqdm(total=len(batches) * len(chunks), desc="path patching", disable=len(batches) * len(chunks) < 4)
     for part in batches:
@@ -262,7 +262,7 @@ def test(m: Model, task: Task, hypothesis: Hypothesis | Circuit, batch_size: int
     clean, corrupt = circuits.clean_corrupt_metrics(m, task, batch_size)
     total = 0.0
     for start in range(0, len(task), batch_size):
-        part = subtask(task, slice(start, start + batch_size))
+        part = task[start : start + batch_size]
         _, recorded = edgewise.record(m, part.corrupt)
         run = _Treeified(m, graph, hypothesis, edgewise.embed(m, part.clean), recorded)
         total += part.metric(run.logits()).sum().item()

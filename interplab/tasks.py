@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -37,6 +37,38 @@ class Task:
 
     def __len__(self) -> int:
         return self.clean.shape[0]
+
+    def __getitem__(self, rows: int | slice | list[int] | torch.Tensor) -> "Task":
+        """The examples `rows` (an int, a slice, a list or a 1-D index tensor, repeats allowed) as a Task.
+
+        Every per-example field is indexed: prompts, answers, texts and `meta`.
+        """
+        n = len(self)
+        if isinstance(rows, int):
+            rows = [rows]
+        index = torch.arange(n)[rows] if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+        if index.dim() != 1:
+            raise IndexError(f"index a task with an int, a slice or a 1-D list of rows, got shape {tuple(index.shape)}")
+        if len(index) and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"rows {index.tolist()[:8]} are out of range for a task of {n} examples")
+        index = index % n if n else index
+        pick = lambda t: t[index.to(t.device)]
+        texts = lambda xs: [xs[i] for i in index.tolist()] if len(xs) == n else list(xs)  # a task may carry no texts
+        return replace(
+            self,
+            clean=pick(self.clean), corrupt=pick(self.corrupt), answer=pick(self.answer), wrong=pick(self.wrong),
+            clean_text=texts(self.clean_text), corrupt_text=texts(self.corrupt_text),
+            meta={k: pick(v) if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v for k, v in self.meta.items()},
+        )
+
+    def check_paired(self) -> None:
+        """Raise unless clean and corrupt prompts pair up position by position, as patching needs."""
+        if self.clean.shape != self.corrupt.shape:
+            raise ValueError(
+                f"clean {tuple(self.clean.shape)} and corrupt {tuple(self.corrupt.shape)} prompts differ in shape; "
+                "patching pairs them position by position, so build both to the same token length "
+                "(il.tasks.make does)."
+            )
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-example logit difference answer - wrong at the final position: `[n]`.

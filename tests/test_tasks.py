@@ -160,3 +160,16 @@ def test_unknown_task_and_bad_n(m):
         il.tasks.make("iou", m)
     with pytest.raises(ValueError, match="n must be at least 1"):
         il.tasks.make("ioi", m, n=0)
+
+
+def test_task_rows_index_every_field_and_refuse_out_of_range(m):
+    task = il.tasks.make("greater_than", m, n=6, seed=1)
+    picked = task[[4, 1, 1]]
+    assert torch.equal(picked.clean, task.clean[[4, 1, 1]])
+    assert torch.equal(picked.answer, task.answer[[4, 1, 1]])
+    assert picked.clean_text == [task.clean_text[i] for i in (4, 1, 1)]
+    assert torch.equal(picked.meta["start"], task.meta["start"][[4, 1, 1]])
+    assert task[2:4].corrupt_text == task.corrupt_text[2:4]
+    assert len(task[3]) == 1 and task[-1].clean_text == task.clean_text[-1:]
+    with pytest.raises(IndexError, match="out of range"):
+        task[[0, 6]]
