@@ -4,6 +4,8 @@ from . import (
     attribution,
     circuits,
     decompose,
+    edits,
+    evolution,
     lens,
     metrics,
     patching,
@@ -12,6 +14,8 @@ from . import (
     tasks,
     toy_models,
     training,
+    truthfulness,
+    updates,
     viz,
     weights,
     widgets,
@@ -22,7 +26,7 @@ from .tasks import Task
 
 __all__ = [
     "ArchSpec", "Model", "Scores", "Task", "load",
-    "attribution", "circuits", "decompose", "lens", "metrics", "patching", "paths", "probes",
-    "tasks", "toy_models", "training", "viz", "weights", "widgets",
+    "attribution", "circuits", "decompose", "edits", "evolution", "lens", "metrics", "patching", "paths", "probes",
+    "tasks", "toy_models", "training", "truthfulness", "updates", "viz", "weights", "widgets",
 ]
 __version__ = "0.1.0"

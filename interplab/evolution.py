@@ -1,0 +1,1 @@
+"""Free evolution: circuits tracked over a fine-tuning checkpoint series (distance, stability, conflict)."""

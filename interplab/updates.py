@@ -1,0 +1,1 @@
+"""Localized updates: component parameter masks, batched masked fine-tuning, and the Static/Random/Free/Oracle/Foresight experiment."""
