@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest --nbval-lax notebooks
 
 unit: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m interplab.report notebooks reports

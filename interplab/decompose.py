@@ -54,22 +54,25 @@ chosen modules' outputs through forward hooks that exist only during one call.
 
 `Decomposition(model, modules, C, base=None, seed=0)` builds an untrained
 decomposition (its `.components[name].U / .V` can be set by hand) and
-`.fit(data, ...)` trains it; `decompose(...)` does both.
+`.fit(data, ...)` trains it; `decompose(...)` does both. A `Decomposition` is an
+`nn.Module` whose parameters are the components' (the model is not a submodule), so
+`torch.save(dec.state_dict(), path)` saves a trained one, history included, and
+`Decomposition(model, modules, C, ...).load_state_dict(torch.load(path))` restores it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 
-import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from plotly.subplots import make_subplots
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
+
+from . import checks
 
 Data = torch.Tensor | Callable[[int, torch.Generator | None], torch.Tensor]
 Masks = dict[str, torch.Tensor]
@@ -166,13 +169,20 @@ def _unwrap(model) -> nn.Module:
 
 
 
-class Decomposition:
+def _key(name: str) -> str:
+    """A module name as an `nn.ModuleDict` key, which may not contain dots."""
+    return name.replace(".", "/")
+
+
+class Decomposition(nn.Module):
     """Rank-1 decompositions of `modules` of `model` (optionally of their diff against `base`).
 
     `components[name]` holds `U` `[d_out, C]`, `V` `[C, d_in]` and the
     importance MLPs. `history` maps metric names (`"loss"`, `"stochastic"`,
     `"pgd"`, and per module `"L0/<name>"`, `"faithfulness/<name>"`,
     `"layerwise/<name>"`, `"minimality/<name>"`) to values logged at `history["step"]`.
+    `state_dict()` holds the components and the history; the decomposed model and
+    `base` are not part of it (pass them again when loading).
     """
 
     def __init__(
@@ -184,19 +194,23 @@ class Decomposition:
         gate_hidden: int = 16,
         seed: int = 0,
     ):
-        self.model = _unwrap(model)
-        self.modules = [modules] if isinstance(modules, str) else list(modules)
-        if not self.modules or len(set(self.modules)) != len(self.modules):
-            raise ValueError(f"modules must be a non-empty list of distinct names, got {self.modules}")
+        super().__init__()
+        for value, what in ((C, "C (components per module)"), (gate_hidden, "gate_hidden")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        self._model = (_unwrap(model),)  # in a tuple, so that it is not a submodule (nor in the state_dict)
+        self.names = [modules] if isinstance(modules, str) else list(modules)
+        if not self.names or len(set(self.names)) != len(self.names):
+            raise ValueError(f"modules must be a non-empty list of distinct names, got {self.names}")
         self.device = next(self.model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.targets = {name: _submodule(self.model, name) for name in self.modules}
+        self.targets = {name: _submodule(self.model, name) for name in self.names}
         self.base_weight = self._base_weights(_unwrap(base)) if base is not None else None
         init_generator = torch.Generator().manual_seed(seed)
-        self.components = {}
+        self.parts = nn.ModuleDict()
         for name, module in self.targets.items():
             d_out, d_in = linear_weight(module).shape
-            self.components[name] = Components(d_in, d_out, C, gate_hidden, init_generator).to(self.device)
+            self.parts[_key(name)] = Components(d_in, d_out, C, gate_hidden, init_generator).to(self.device)
         self.history: dict[str, list[float]] = {"step": []}
         self._verified: set[str] = set()
         self._returns_logits = False
@@ -223,9 +237,28 @@ class Decomposition:
         comp = self.components[name]
         return torch.einsum("oc,ci->coi", comp.U, comp.V).detach()
 
-    def parameters(self) -> Iterator[nn.Parameter]:
-        for comp in self.components.values():
-            yield from comp.parameters()
+    @property
+    def model(self) -> nn.Module:
+        """The decomposed model (never edited)."""
+        return self._model[0]
+
+    @property
+    def components(self) -> dict[str, Components]:
+        """`Components` per module name."""
+        return {name: self.parts[_key(name)] for name in self.names}
+
+    def get_extra_state(self) -> dict:
+        return {"history": self.history, "modules": self.names}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["modules"] != self.names:
+            raise ValueError(f"this state decomposes {state['modules']} but this Decomposition has {self.names}; "
+                             "build it with the same modules before load_state_dict")
+        self.history = {k: list(v) for k, v in state["history"].items()}
+
+    def forward(self, inputs: torch.Tensor, masks: Masks | str = "ones") -> torch.Tensor:
+        """`run(inputs, masks)`: the model's output with the components in place of the chosen modules."""
+        return self.run(inputs, masks)
 
     # --- running the model -------------------------------------------------
 
@@ -348,9 +381,9 @@ class Decomposition:
         masks = {n: g + (1 - g) * torch.rand(g.shape, generator=self.generator, device=g.device)
                  for n, g in gates.items()}
         out = {"stochastic": self._reconstruction(self._call(inputs, masks), target, kind)}
-        for name in self.modules:
+        for name in self.names:
             out[f"layerwise/{name}"] = (
-                out["stochastic"] if len(self.modules) == 1
+                out["stochastic"] if len(self.names) == 1
                 else self._reconstruction(self._call(inputs, {name: masks[name]}), target, kind)
             )
         for name, value in self.faithfulness().items():
@@ -374,6 +407,8 @@ class Decomposition:
     # --- training ----------------------------------------------------------
 
     def _sample(self, data: Data, batch_size: int) -> torch.Tensor:
+        if isinstance(data, torch.Tensor) and len(data) == 0:
+            raise ValueError("data is an empty tensor; give inputs [n, ...] with n >= 1")
         if isinstance(data, torch.Tensor):
             rows = torch.randint(len(data), (batch_size,), generator=self.generator, device=self.device)
             return data.to(self.device)[rows]
@@ -414,6 +449,11 @@ class Decomposition:
         Every `log_every` steps all terms, L0 and the PGD loss are logged to
         `history`. Uses the seeded generator of this decomposition.
         """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        checks.batch_size(batch_size)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self._faithfulness_warmup(warmup_steps)
         log_every = log_every or max(1, steps // 50)
         coefficients = {"stochastic": stochastic, "faithfulness": faithfulness, "layerwise": layerwise,
@@ -432,16 +472,16 @@ class Decomposition:
             schedule.step()
             if log:
                 self._log(step, loss, terms)
-                bar.set_postfix(loss=f"{loss.item():.3g}", L0=f"{self.l0()[self.modules[0]]:.2f}")
+                bar.set_postfix(loss=f"{loss.item():.3g}", L0=f"{self.l0()[self.names[0]]:.2f}")
         return self
 
     def _weighted(self, terms: dict[str, torch.Tensor], coefficients: dict[str, float]) -> torch.Tensor:
         loss = coefficients["stochastic"] * terms["stochastic"]
         if coefficients["pgd"] > 0:
             loss = loss + coefficients["pgd"] * terms["pgd"]
-        for name in self.modules:
+        for name in self.names:
             loss = loss + coefficients["faithfulness"] * terms[f"faithfulness/{name}"]
-            loss = loss + coefficients["layerwise"] * terms[f"layerwise/{name}"] / len(self.modules)
+            loss = loss + coefficients["layerwise"] * terms[f"layerwise/{name}"] / len(self.names)
             loss = loss + coefficients["minimality"] * terms[f"minimality/{name}"]
         return loss
 
@@ -463,23 +503,13 @@ class Decomposition:
         """Last logged L0 per module: mean number of components with importance > 0.1 per token."""
         if not self.history["step"]:
             raise RuntimeError("nothing logged yet: call fit(...) first")
-        return {name: self.history[f"L0/{name}"][-1] for name in self.modules}
+        return {name: self.history[f"L0/{name}"][-1] for name in self.names}
 
-    def plot(self, title: str = "Parameter decomposition") -> go.Figure:
-        """L0 per module (left) and every loss term on a log scale (right) over training."""
-        if not self.history["step"]:
-            raise RuntimeError("nothing logged yet: call fit(...) first")
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("L0 (components with g > 0.1 per token)", "losses"))
-        steps = self.history["step"]
-        for key, values in self.history.items():
-            if key == "step":
-                continue
-            col = 1 if key.startswith("L0/") else 2
-            fig.add_trace(go.Scatter(x=steps, y=values, name=key, mode="lines"), row=1, col=col)
-        fig.update_yaxes(type="log", row=1, col=2)
-        fig.update_xaxes(title_text="step")
-        fig.update_layout(title=title, height=420, margin=dict(l=60, r=20, t=60, b=60))
-        return fig
+    def plot(self, title: str = "Parameter decomposition"):
+        """L0 per module and every loss term over training (`viz.decomposition_figure`)."""
+        from .viz import decomposition_figure
+
+        return decomposition_figure(self, title)
 
 
 def decompose(

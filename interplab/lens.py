@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
 from .scores import Scores
 
 
@@ -16,9 +17,15 @@ def logit_lens(m, tokens: torch.Tensor, target: torch.Tensor | None = None, remo
     Returns Scores over (layer, pos) with `meta["top_tokens"]`, the lens's
     top-1 token string at each cell.
     """
-    tokens = tokens.reshape(1, -1) if tokens.dim() == 1 else tokens
+    tokens = tokens.reshape(1, -1) if isinstance(tokens, torch.Tensor) and tokens.dim() == 1 else tokens
+    checks.tokens(m, tokens)
     if tokens.shape[0] != 1:
         raise ValueError(f"logit_lens reads one prompt at a time; got a batch of {tokens.shape[0]}")
+    checks.remote(m, remote)
+    if target is not None and target.numel() != tokens.shape[1]:
+        raise ValueError(f"target must hold one token id per position ({tokens.shape[1]}), got {target.numel()}")
+    if target is not None:
+        checks.tokens(m, target.reshape(1, -1), "target")
     resid = []
     with m.nn.trace(tokens, remote=remote):
         for layer in range(m.n_layers):

@@ -1,13 +1,25 @@
-"""Metrics that turn logits into one number per example.
+"""Metrics that turn logits into one number per example, and the checks every method applies to them.
 
 Each function accepts final-position logits `[n, d_vocab]` or full logits
 `[n, seq, d_vocab]` (then the final position is used), because patching
 sweeps only unembed the final position.
+
+Every method that scores a patch (patching, paths, attribution, circuits) takes
+the same `Metric`: `metric(final_logits [B, d_vocab], examples LongTensor [B]) -> [B]`,
+where `examples` are the task rows the logits belong to (rows may repeat, since a
+batch can carry several components per example). `None` means the task's own
+metric, the logit difference `answer - wrong` (`task_metric`).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Callable
+
 import torch
+
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def final(logits: torch.Tensor) -> torch.Tensor:
@@ -72,3 +84,55 @@ def accuracy(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     logits = final(logits)
     answer = _ids(answer, logits.shape[0], "answer", logits.device)
     return (logits.argmax(-1) == answer).float().mean()
+
+
+def task_metric(task) -> Metric:
+    """The task's logit difference as a `Metric`: `(final_logits [B, V], examples [B]) -> [B]`."""
+    return lambda logits, examples: logit_diff(logits, task.answer[examples.cpu()], task.wrong[examples.cpu()])
+
+
+def apply(metric: Metric, logits: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
+    """`metric(final logits, examples)`, checked to give one finite-shaped value per row: `[B]`.
+
+    A metric that averages (shape `[]` or `[1]`) would be broadcast over rows that belong to
+    different components, so it is refused.
+    """
+    out = metric(final(logits), examples)
+    if not isinstance(out, torch.Tensor) or out.shape != (len(examples),):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"the metric returned {shape} for {len(examples)} rows; a metric must return one value per row, "
+            f"shape [{len(examples)}] (do not average over examples: interplab averages after patching)."
+        )
+    return out
+
+
+def check_gap(clean: torch.Tensor, corrupt: torch.Tensor, normalize: bool = True, what: str = "the task") -> float:
+    """Check the clean-vs-corrupt gap before a sweep runs; return it (mean clean - mean corrupt).
+
+    clean, corrupt: per-example metric values `[n]`. Raises when normalizing by a zero gap;
+    warns, when normalizing, if the gap is within two standard errors of zero (from the spread
+    of the per-example differences) or under a tenth of the metric's spread across prompts (the
+    register task on tiny-base: gap -0.02, sd 0.31), where normalized scores are mostly noise.
+    """
+    clean, corrupt = clean.detach().double().cpu().flatten(), corrupt.detach().double().cpu().flatten()
+    gap = (clean.mean() - corrupt.mean()).item()
+    if not math.isfinite(gap):
+        raise ValueError(f"the metric is not finite on {what} (clean {clean.mean():.4g}, corrupt {corrupt.mean():.4g})")
+    if normalize and abs(gap) < 1e-6:
+        raise ValueError(
+            f"the metric scores {what} the same on clean and corrupt prompts (gap {gap:.3g}), so a "
+            "normalized effect is undefined. Check that the corruption changes the answer, or pass "
+            "normalize=False for raw effects."
+        )
+    if normalize and len(clean) + len(corrupt) > 2:
+        spread = torch.cat([clean, corrupt]).std().item()
+        stderr = (clean - corrupt).std().item() / math.sqrt(len(clean)) if len(clean) == len(corrupt) else 0.0
+        if abs(gap) < 2 * stderr or abs(gap) < 0.1 * spread:
+            why = (f"within two standard errors ({stderr:.3g}) of zero" if abs(gap) < 2 * stderr else
+                   f"under a tenth of the metric's spread across prompts (sd {spread:.3g})")
+            warnings.warn(
+                f"the clean-vs-corrupt gap on {what} is {gap:+.3g}, {why}: the model hardly tells clean from "
+                "corrupt, so normalized effects are mostly noise. Use a task the model solves, or more examples.",
+                stacklevel=3)
+    return gap

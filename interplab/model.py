@@ -206,6 +206,52 @@ class Model:
         return self.hf(tokens.to(self.device)).logits
 
 
+def _check_tokenizer(tokenizer, d_vocab: int, name: str) -> None:
+    """Refuse a tokenizer loaded with the model whose vocabulary does not fit the model's embedding.
+
+    More ids than the embedding has rows index out of range; fewer than half of them means
+    the tokenizer is not this model's (a folder without tokenizer files loads a stub). A tokenizer
+    passed explicitly is trusted (a hand-built toy model may use a few of its ids); token ids out of
+    range are still refused by every method before it runs (`checks.tokens`).
+    """
+    size = len(tokenizer)
+    if size > d_vocab or size < d_vocab / 2:
+        raise ValueError(
+            f"the tokenizer has {size} tokens but {name} has a vocabulary of {d_vocab}, so it is not this model's "
+            "tokenizer (a model folder without tokenizer files loads a stub). Pass the right one: "
+            "il.load(path, tokenizer=tok)."
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name the hub cannot hold: absolute, relative with ./ ../ ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; il.load takes a folder in Hugging Face layout "
+                                "(config.json, model.safetensors, tokenizer files), a hub id or an organism name")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json, so it is not a saved model; save one with "
+                                "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+
+
+def _from_pretrained(source, tokenizer, revision, dtype, quiet: bool):
+    """Model and tokenizer from a folder or the hub; `quiet` hides transformers' "Loading weights" bar
+    (local weights load in milliseconds, and the bar would be left behind in every notebook)."""
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    if quiet:
+        logging.disable_progress_bar()
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+        return hf_model, tokenizer or transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+    finally:
+        if quiet and shown:
+            logging.enable_progress_bar()
+
+
 def load(
     name_or_model: str | os.PathLike | torch.nn.Module,
     tokenizer=None,
@@ -230,6 +276,9 @@ def load(
 
     name = str(name_or_model)
     if name in ORGANISMS:
+        if revision is not None:
+            raise ValueError(f"{name} is a shipped organism with one version; drop revision={revision!r} (the SFT "
+                             "checkpoint series is rebuilt by `python -m interplab.organisms`)")
         source = ORGANISM_DIR / name.split("/", 1)[1]
         if not (source / "model.safetensors").exists():
             raise FileNotFoundError(
@@ -240,12 +289,20 @@ def load(
         raise ValueError(f"unknown organism {name!r}; the shipped organisms are {ORGANISMS}.")
     else:
         source = name
+    local = Path(source).expanduser()
+    if local.exists() or _looks_like_path(str(source)):
+        _check_folder(local)
+        source = local
 
     try:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
-        tok = tokenizer or transformers.AutoTokenizer.from_pretrained(source, revision=revision)
-    except OSError as error:
-        if Path(name).exists():
+        hf_model, tok = _from_pretrained(source, tokenizer, revision, dtype, quiet=local.exists())
+    except Exception as error:
+        if local.exists():
+            weights = sorted(p.name for p in local.glob("*.safetensors")) or ["(no *.safetensors file)"]
+            raise OSError(f"could not load the model in {local}: {str(error).splitlines()[0]}. Check its weights "
+                          f"file {', '.join(weights)} (truncated by an interrupted copy or download?) and "
+                          "config.json.") from error
+        if not isinstance(error, OSError):
             raise
         raise OSError(
             f"could not load {name!r} from the Hugging Face hub ({str(error).splitlines()[0]}). "
@@ -253,4 +310,6 @@ def load(
             f"il.load('interplab/tiny-base') (all: {ORGANISMS}), a local folder, or "
             "il.load(hf_model, tokenizer=tok)."
         ) from error
+    if tokenizer is None:
+        _check_tokenizer(tok, hf_model.config.vocab_size, name)
     return Model(hf_model.to(device), tok, name=name)

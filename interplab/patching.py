@@ -28,19 +28,17 @@ Sites (the activation patched at one layer, and its columns per head):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import checks, metrics
+from .metrics import Metric
 from .scores import Scores
 
 MODES = ("denoising", "noising")
 KINDS = ("resid", "attn_out", "mlp_out", "heads", "q", "k", "v")
-
-Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -108,27 +106,20 @@ def _envoy(m, where: Site, layer: int):
     return block if where.path is None else m.envoy(where.path, layer)
 
 
-def _check(m, task, mode: str, batch_size: int) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be 'denoising' (clean into corrupt) or 'noising' (corrupt into clean), "
                          f"got {mode!r}")
-    if task.clean.shape != task.corrupt.shape or task.clean.dim() != 2:
-        raise ValueError(f"clean {tuple(task.clean.shape)} and corrupt {tuple(task.corrupt.shape)} prompts must "
-                         "both be [n, seq] with equal shapes; interplab never pads. Rebuild the task so every "
-                         "pair has the same token length.")
-    n = task.clean.shape[0]
-    if task.answer.shape != (n,) or task.wrong.shape != (n,):
-        raise ValueError(f"the task has {n} prompts but answer {tuple(task.answer.shape)} and wrong "
-                         f"{tuple(task.wrong.shape)}; give one answer and one wrong token per prompt.")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive int (rows per forward pass), got {batch_size!r}")
-    limit = getattr(m.hf.config, "n_positions", None) or getattr(m.hf.config, "max_position_embeddings", None)
-    if limit and task.clean.shape[1] > limit:
-        raise ValueError(f"prompts have {task.clean.shape[1]} tokens but {m.name} takes at most {limit}")
 
 
-def _task_metric(task) -> Metric:
-    return lambda logits, examples: task[examples].metric(logits)
+def effect(patched: torch.Tensor, clean: float, corrupt: float, mode: str, normalize: bool) -> torch.Tensor:
+    """The signed effect of a patch, +1 (normalized) when it carries the whole clean-vs-corrupt effect.
+
+    denoising: `(m_patched - m_corrupt)`; noising: `(m_clean - m_patched)`; divided by
+    `(m_clean - m_corrupt)` with `normalize`. The same convention holds in paths, attribution and circuits.
+    """
+    raw = patched - corrupt if mode == "denoising" else clean - patched
+    return raw / (clean - corrupt) if normalize else raw
 
 
 def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool):
@@ -148,7 +139,7 @@ def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool
             logits = m.nn.output.logits[:, -1].save()
         acts.append(torch.stack(a))
         outs.append(torch.stack(o))
-        scores.append(metric(logits, torch.arange(start, start + chunk.shape[0])))
+        scores.append(metrics.apply(metric, logits, torch.arange(start, start + chunk.shape[0])))
     return torch.cat(acts, 1), torch.cat(outs, 1), torch.cat(scores)
 
 
@@ -189,14 +180,20 @@ def sweep(
     Components are (layer, unit[, pos]); units are heads for "heads"/"q"/"k"/"v"
     and the whole activation otherwise. With `per_position=False` a patch covers
     every position. `metric(final_logits [B, d_vocab], examples [B]) -> [B]`
-    defaults to the task's metric. The result is the mean over examples, and
-    with `normalize` it is `(mean patched - mean corrupt) / (mean clean - mean corrupt)`
-    (a ratio of means, stable when single examples have a small clean-corrupt gap).
-    `batch_size` bounds the rows (component x example) per forward pass.
+    (`metrics.Metric`) defaults to the task's logit difference. The score is the
+    signed effect of the mean metric, +1 when the component carries the whole
+    clean-vs-corrupt effect: denoising `(m_patched - m_corrupt) / (m_clean - m_corrupt)`,
+    noising `(m_clean - m_patched) / (m_clean - m_corrupt)` (ratios of means, stable when
+    single examples have a small gap); `normalize=False` leaves out the division.
+    The gap is checked before the sweep runs. `batch_size` bounds the rows
+    (component x example) per forward pass.
     """
-    _check(m, task, mode, batch_size)
+    check_mode(mode)
+    checks.task(m, task)
+    checks.batch_size(batch_size)
+    checks.remote(m, remote)
     where = site(m, kind)
-    metric = metric or _task_metric(task)
+    metric = metric or metrics.task_metric(task)
     clean_tokens, corrupt_tokens = task.clean.to(m.device), task.corrupt.to(m.device)
     base, source = (corrupt_tokens, clean_tokens) if mode == "denoising" else (clean_tokens, corrupt_tokens)
 
@@ -204,6 +201,7 @@ def sweep(
     _, base_outs, base_metric = _cache(m, base, where, metric, batch_size, remote)
     clean_metric, corrupt_metric = (source_metric, base_metric) if mode == "denoising" else (base_metric,
                                                                                              source_metric)
+    metrics.check_gap(clean_metric, corrupt_metric, normalize, f"the {task.name} task")
     n, seq = base.shape
     n_units, n_pos = len(where.starts), seq if per_position else 1
     # positions[p]: the positions a patch at position index p covers, (n_pos, seq)
@@ -221,11 +219,10 @@ def sweep(
         mask = positions[pos_of[batch]][:, :, None] & columns[unit_of[batch]][:, None, :]  # (B, seq, width)
         prefix = base_outs[layer - 1][ex] if reuse_prefix and layer > 0 else None
         logits = _patched_run(m, where, layer, base[ex], mask.to(m.device), source_acts[layer][ex], prefix, remote)
-        patched[layer, batch] = metric(logits, ex).to(patched.dtype).cpu()
+        patched[layer, batch] = metrics.apply(metric, logits, ex).to(patched.dtype).cpu()
 
     values = patched.view(m.n_layers, n_units, n_pos, n).mean(-1)  # (n_layers, n_units, n_pos)
-    if normalize:
-        values = metrics.normalized_effect(values, clean_metric.mean().cpu(), corrupt_metric.mean().cpu())
+    values = effect(values, clean_metric.mean().item(), corrupt_metric.mean().item(), mode, normalize)
     return _scores(m, task, where, per_position, values, dict(
         kind=kind, mode=mode, normalize=normalize, task=task.name, n=n,
         clean_metric=clean_metric.mean().item(), corrupt_metric=corrupt_metric.mean().item()))
@@ -242,8 +239,8 @@ def _scores(m, task, where: Site, per_position: bool, values: torch.Tensor, meta
         labels["pos"] = m.to_str_tokens(task.clean[0])
     else:
         values = values[..., 0]
-    effect = "normalized effect" if meta["normalize"] else "metric"
-    meta["title"] = f"{meta['mode']} {where.kind} patching on {meta['task']} ({effect})"
+    what = "normalized effect" if meta["normalize"] else "effect"
+    meta["title"] = f"{meta['mode']} {where.kind} patching on {meta['task']} ({what})"
     return Scores(values, tuple(dims), labels, meta)
 
 

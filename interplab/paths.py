@@ -6,7 +6,9 @@ q/k/v inputs). In the IOI paper's order: (1) run the base prompt with every head
 frozen to its base value except the sender, which takes its value from the source
 prompt, and MLPs and norms recomputed, recording the receivers' inputs; (2) run the
 base prompt again with only the receivers' inputs replaced by those recordings.
-Rows of one batched run carry different senders.
+Rows of one batched run carry different senders. The default is denoising (base =
+corrupt prompt, source = clean), as in `patching`; the IOI paper's noising is
+`mode="noising"`. Either way +1 means the path carries the whole effect.
 
 `test` evaluates a hypothesis: a set of paths from the input to the logits (or a
 `Circuit`, a set of edges). The model is run "treeified": along every path in the set
@@ -23,9 +25,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import circuits, edgewise
-from .circuits import Circuit, Graph
+from . import checks, circuits, edgewise, metrics
+from .graph import Circuit, Graph
+from .metrics import Metric
 from .model import Model
+from .patching import check_mode, effect
 from .scores import Scores
 from .tasks import Task
 
@@ -36,6 +40,9 @@ _SLOTS = "qkv"
 def _parse_receivers(m: Model, receivers: str | list[str]) -> list:
     """Receivers as ("logits",), ("mlp", l) or ("head", l, h, slot); "a1.h2" means all of q, k, v."""
     names = [receivers] if isinstance(receivers, str) else list(receivers)
+    if not names:
+        raise ValueError("receivers is empty; name at least one: 'logits', 'm{layer}', 'a{layer}.h{head}' "
+                         "or 'a{layer}.h{head}<q|k|v>'")
     parsed = []
     for name in names:
         head = _HEAD_INPUT.match(name)
@@ -102,53 +109,48 @@ def _heads(record: edgewise.Record) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode: str = "noising",
-               batch_size: int = 16, senders_per_run: int = 16) -> Scores:
+def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode: str = "denoising",
+               batch_size: int = 16, senders_per_run: int = 16, normalize: bool = True,
+               metric: Metric | None = None) -> Scores:
     """Path-patching effect of every head (sender) on `receivers`: Scores over (layer, head).
 
-    mode "noising" (the IOI paper's): base = clean prompt, sender from the corrupt prompt; the
-    score is (m_patched - m_clean) / (m_clean - m_corrupt), so -1 means the path carries the
-    whole effect. mode "denoising": base = corrupt, sender from clean; score
-    (m_patched - m_corrupt) / (m_clean - m_corrupt). A head at or after the last receiver's
-    layer has no path to it and scores 0.
+    mode "denoising" (default): base = corrupt prompt, sender from the clean one; score
+    `(m_patched - m_corrupt) / (m_clean - m_corrupt)`. mode "noising" (the IOI paper's): base =
+    clean, sender from corrupt; score `(m_clean - m_patched) / (m_clean - m_corrupt)`. Either way
+    +1 means the path carries the whole clean-vs-corrupt effect; `normalize=False` leaves out the
+    division. A head at or after the last receiver's layer has no path to it and scores 0.
+    `metric`: a `metrics.Metric` (default: the task's logit difference).
     """
-    if mode not in ("noising", "denoising"):
-        raise ValueError(f"mode must be 'noising' or 'denoising', got {mode!r}")
-    edgewise.check_supported(m)
-    task.check_paired()
+    check_mode(mode)
+    circuits.check(m, task, batch_size)
+    checks.batch_size(senders_per_run, "senders_per_run")
     parsed = _parse_receivers(m, receivers)
+    metric = metric or metrics.task_metric(task)
+    clean, corrupt = circuits.checked_gap(m, task, batch_size, metric, normalize)
     L, H = m.n_layers, m.n_heads
     one_hot = torch.eye(L * H, dtype=torch.bool, device=m.device).view(L * H, L, H)
     totals = torch.zeros(L * H, dtype=torch.float64)
-    clean_total = corrupt_total = 0.0
-    batches = [task[i : i + batch_size] for i in range(0, len(task), batch_size)]
+    batches = [(i, task[i : i + batch_size]) for i in range(0, len(task), batch_size)]
     chunks = range(0, L * H, senders_per_run)
     progress = tqdm(total=len(batches) * len(chunks), desc="path patching", disable=len(batches) * len(chunks) < 4)
-    for part in batches:
+    for start, part in batches:
         base_tokens, source_tokens = (part.clean, part.corrupt) if mode == "noising" else (part.corrupt, part.clean)
-        base_logits, base = edgewise.record(m, base_tokens)
-        source_logits, source = edgewise.record(m, source_tokens)
-        clean_logits, corrupt_logits = ((base_logits, source_logits) if mode == "noising"
-                                        else (source_logits, base_logits))
-        clean_total += part.metric(clean_logits).sum().item()
-        corrupt_total += part.metric(corrupt_logits).sum().item()
+        _, base = edgewise.record(m, base_tokens)
+        _, source = edgewise.record(m, source_tokens)
         for first in chunks:
             senders = one_hot[first:first + senders_per_run]
             freeze = _Freeze(_heads(base), _heads(source), senders)
             rows = edgewise.embed(m, base_tokens.repeat(len(senders), 1))
             edgewise.run(m, rows, freeze)
             logits = edgewise.run(m, rows, _Receive(parsed, freeze, H))
-            for c, group in enumerate(logits.unflatten(0, (len(senders), -1))):
-                totals[first + c] += part.metric(group).sum().item()
+            values = metrics.apply(metric, logits, circuits.examples(start, part, len(senders)))
+            totals[first:first + len(senders)] += values.view(len(senders), -1).sum(1).double().cpu()
             progress.update()
     progress.close()
-    n = len(task)
-    clean, corrupt = clean_total / n, corrupt_total / n
-    reference = clean if mode == "noising" else corrupt
-    values = ((totals / n - reference) / (clean - corrupt)).float()
+    values = effect(totals / len(task), clean, corrupt, mode, normalize).float()
     return Scores(values.view(L, H), ("layer", "head"),
-                  meta={"title": f"path patching → {receivers}", "mode": mode, "task": task.name,
-                        "receivers": receivers, "clean": clean, "corrupt": corrupt})
+                  meta={"title": f"{mode} path patching → {receivers}", "mode": mode, "task": task.name,
+                        "receivers": receivers, "clean": clean, "corrupt": corrupt, "normalize": normalize})
 
 
 @dataclass(frozen=True)
@@ -246,24 +248,28 @@ class _Treeified:
 
 
 @torch.no_grad()
-def test(m: Model, task: Task, hypothesis: Hypothesis | Circuit, batch_size: int = 32) -> float:
+def test(m: Model, task: Task, hypothesis: Hypothesis | Circuit, batch_size: int = 32,
+         metric: Metric | None = None) -> float:
     """Proportion of the clean-vs-corrupt effect explained: (m_hyp - m_corrupt) / (m_clean - m_corrupt).
 
     A `Circuit` is tested as its edge set (every path made only of its edges), which is its
     `circuits.faithfulness`. A `Hypothesis` is tested path by path, treeified.
     """
     if isinstance(hypothesis, Circuit):
-        return circuits.faithfulness(m, task, hypothesis, batch_size)
-    edgewise.check_supported(m)
+        return circuits.faithfulness(m, task, hypothesis, batch_size, metric)
+    if not isinstance(hypothesis, Hypothesis):
+        raise TypeError(f"test takes a paths.Hypothesis or a Circuit, got {type(hypothesis).__name__}")
+    circuits.check(m, task, batch_size)
     graph = Graph.from_model(m)
     for path in hypothesis.paths:
         for sender, receiver in zip(path, path[1:]):
             graph.edge_mask([(_node(sender), receiver)])  # raises on a non-edge
-    clean, corrupt = circuits.clean_corrupt_metrics(m, task, batch_size)
+    metric = metric or metrics.task_metric(task)
+    clean, corrupt = circuits.checked_gap(m, task, batch_size, metric)
     total = 0.0
     for start in range(0, len(task), batch_size):
         part = task[start : start + batch_size]
         _, recorded = edgewise.record(m, part.corrupt)
         run = _Treeified(m, graph, hypothesis, edgewise.embed(m, part.clean), recorded)
-        total += part.metric(run.logits()).sum().item()
+        total += metrics.apply(metric, run.logits(), circuits.examples(start, part)).sum().item()
     return (total / len(task) - corrupt) / (clean - corrupt)

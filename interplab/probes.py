@@ -17,11 +17,13 @@ a `heads` probe gives a direction in that head's `d_head` value space.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from . import checks
 from .scores import Scores
 
 SITES = ("resid", "heads")
@@ -71,8 +73,9 @@ def collect(
     """
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; choose one of {SITES}")
-    if tokens.dim() != 2:
-        raise ValueError(f"tokens must be [n, seq], got shape {tuple(tokens.shape)}")
+    checks.tokens(m, tokens)
+    checks.batch_size(batch_size)
+    checks.remote(m, remote)
     if not -tokens.shape[1] <= pos < tokens.shape[1]:
         raise ValueError(f"pos={pos} is outside prompts of {tokens.shape[1]} tokens")
     batches = torch.split(tokens, batch_size)
@@ -98,17 +101,56 @@ def _collect_batch(m, tokens: torch.Tensor, site: str, pos: int, remote: bool) -
 
 
 def task_activations(m, task, site: str = "resid", pos: int = -1, batch_size: int = 64):
-    """Clean prompts labelled 1 and corrupt prompts labelled 0, with the example index of each row.
+    """Clean prompts labelled 1 and corrupt prompts labelled 0, with a group per row.
 
     Returns `(x [2n, ...], y [2n] bool, groups [2n])`: pass `groups` to `fit`/`sweep`
-    so a clean prompt and its corrupt twin always land in the same split.
+    so that a clean prompt and its corrupt twin, and every repeat of one prompt (a task
+    with few distinct prompts repeats them, and one row's clean prompt can be another's
+    corrupt prompt), always land in the same split.
     """
     tokens = torch.cat([task.clean, task.corrupt])
     x = collect(m, tokens, site=site, pos=pos, batch_size=batch_size)
     n = len(task)
     y = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-    groups = torch.arange(n).repeat(2)
+    same_prompt = torch.unique(tokens.cpu(), dim=0, return_inverse=True)[1]
+    groups = connected(torch.arange(n).repeat(2), same_prompt)
     return x, y, groups
+
+
+def connected(*labelings: torch.Tensor) -> torch.Tensor:
+    """Component ids `[n]` of the rows when rows sharing a label in any of `labelings` (each `[n]`) are joined."""
+    n = len(labelings[0])
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for labels in labelings:
+        first: dict[int, int] = {}
+        for i, label in enumerate(labels.tolist()):
+            j = first.setdefault(label, i)
+            parent[root(i)] = root(j)
+    return torch.unique(torch.tensor([root(i) for i in range(n)]), return_inverse=True)[1]
+
+
+def split_groups(x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """The groups `fit` and `sweep` split by: `groups` `[n]` (default: one per row) with rows of identical
+    activations joined, so repeats of one prompt never straddle the split. x: `[n, ...]`, y: `[n]`."""
+    n = x.shape[0]
+    groups = torch.arange(n) if groups is None else torch.as_tensor(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape [{n}], got {tuple(groups.shape)}")
+    same = torch.unique(x.reshape(n, -1), dim=0, return_inverse=True)[1]
+    positives, rows = torch.bincount(same, weights=y.float()), torch.bincount(same).float()
+    clash = int(((positives > 0) & (positives < rows))[same].sum())  # rows whose copies carry both labels
+    if clash:
+        warnings.warn(f"{clash} rows have the same activations as a row of the other label (e.g. a prompt "
+                      "that is clean in one pair and corrupt in another); no probe can separate them.",
+                      stacklevel=3)
+    return connected(groups, same)
 
 
 def split(n: int, test_fraction: float = 0.3, seed: int = 0, groups: torch.Tensor | None = None):
@@ -120,7 +162,8 @@ def split(n: int, test_fraction: float = 0.3, seed: int = 0, groups: torch.Tenso
         raise ValueError(f"groups must have shape [{n}], got {tuple(groups.shape)}")
     unique = groups.unique()
     if len(unique) < 2:
-        raise ValueError("need at least two groups (examples) to make a train and a test split")
+        raise ValueError("need at least two groups (examples) to make a train and a test split; rows that share "
+                         "a group (a twin, or the same prompt) stay together, so use more distinct examples")
     gen = torch.Generator().manual_seed(seed)
     shuffled = unique[torch.randperm(len(unique), generator=gen)]
     n_test = min(max(1, round(test_fraction * len(unique))), len(unique) - 1)
@@ -133,6 +176,7 @@ def mass_mean(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
 
     x: `[n, d]`, y: `[n]` bool. Returns `(direction [d] unit, threshold)`.
     """
+    _finite(x)
     mu_pos, mu_neg = x[y].mean(0), x[~y].mean(0)
     direction = _unit(mu_pos - mu_neg)
     return direction, ((mu_pos + mu_neg) / 2 @ direction).item()
@@ -145,6 +189,7 @@ def logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, steps: int = 10
     the weight vector stays a direction in the original space. x: `[n, d]`,
     y: `[n]` bool. Returns `(direction [d] unit, threshold)`.
     """
+    _finite(x)
     mean, scale = x.mean(0), x.std().clamp_min(1e-8)
     z = (x - mean) / scale
     w = torch.zeros(x.shape[1], requires_grad=True)
@@ -179,6 +224,11 @@ def fit(
     keeps related rows (a clean prompt and its corrupt twin) in one split.
     """
     x, y = _check(x, y, dims=2)
+    return _fit(x, y, kind, test_fraction, seed, split_groups(x, y, groups))
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, kind: str, test_fraction: float, seed: int,
+         groups: torch.Tensor) -> Probe:
     if kind not in KINDS:
         raise ValueError(f"unknown probe kind {kind!r}; choose one of {KINDS}")
     train, test = split(len(y), test_fraction, seed, groups)
@@ -202,22 +252,33 @@ def sweep(
     """One probe per layer (`x [n, L, d]`) or per head (`x [n, L, H, d_head]`), same split for all.
 
     Returns `(held-out accuracy Scores over layer[, head], directions [L, (H,) d])`.
+    Rows whose activations are identical at every layer share a split.
     """
     if x.dim() not in (3, 4):
         raise ValueError(f"sweep expects [n, layer, d] or [n, layer, head, d_head] activations, got {tuple(x.shape)}")
+    x, y = _check(x, y, dims=x.dim())
+    groups = split_groups(x, y, groups)
     dims = ("layer", "head")[: x.dim() - 2]
     grid = x.shape[1:-1]
     accuracy, directions = torch.zeros(grid), torch.zeros(*grid, x.shape[-1])
     for idx in torch.cartesian_prod(*(torch.arange(s) for s in grid)).view(-1, len(grid)).tolist():
-        probe = fit(x[(slice(None), *idx)], y, kind, test_fraction, seed, groups)
+        probe = _fit(x[(slice(None), *idx)], y, kind, test_fraction, seed, groups)
         accuracy[tuple(idx)], directions[tuple(idx)] = probe.test_accuracy, probe.direction
     meta = dict(kind=kind, test_fraction=test_fraction, seed=seed, title=f"held-out accuracy of {kind} probes")
     return Scores(accuracy, dims, meta=meta), directions
 
 
+def _finite(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"activations hold NaN or inf in {len(bad)} rows (first: {bad[:5]}); a probe fit on them "
+                         "is meaningless. Find where they come from (e.g. an fp16 overflow) or drop those rows.")
+
+
 def _check(x: torch.Tensor, y: torch.Tensor, dims: int):
     if x.dim() != dims:
-        raise ValueError(f"expected activations with {dims} dims [n, d], got shape {tuple(x.shape)}")
+        raise ValueError(f"expected activations [n, d], got shape {tuple(x.shape)}")
+    _finite(x)
     if y.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape [{x.shape[0]}] to match the activations, got {tuple(y.shape)}")
     y = y.bool() if y.dtype == torch.bool else _binary(y)

@@ -44,6 +44,9 @@ class Scores:
 
     def top(self, k: int = 10, by_abs: bool = True) -> list[tuple[tuple[int, ...], float]]:
         """The k largest entries (by |value| unless `by_abs=False`): `[(index, value), ...]`."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative int (how many entries), got {k!r}; for the smallest "
+                             "entries use by_abs=False on negated scores")
         flat = self.values.flatten()
         order = (flat.abs() if by_abs else flat).argsort(descending=True)[:k]
         return [(tuple(int(i) for i in torch.unravel_index(j, self.shape)), flat[j].item()) for j in order]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import metrics
 from .organisms import words as W
 
 
@@ -75,22 +76,32 @@ class Task:
 
         Accepts `[n, seq, d_vocab]` or final-position `[n, d_vocab]` logits.
         """
-        final = logits[:, -1] if logits.dim() == 3 else logits
+        final = metrics.final(logits)
         if final.shape[0] != len(self):
             raise ValueError(f"logits have batch {final.shape[0]} but the task has {len(self)} examples")
-        rows = torch.arange(len(self), device=final.device)
-        return final[rows, self.answer.to(final.device)] - final[rows, self.wrong.to(final.device)]
+        return metrics.logit_diff(final, self.answer, self.wrong)
 
     def accuracy(self, logits: torch.Tensor) -> torch.Tensor:
         """Fraction of examples whose top-1 final-position token is the answer."""
-        final = logits[:, -1] if logits.dim() == 3 else logits
-        return (final.argmax(-1).cpu() == self.answer).float().mean()
+        return metrics.accuracy(logits, self.answer.to(logits.device)).cpu()
+
+
+def _round_trips(tokenizer, token_id: int, word: str) -> bool:
+    """Whether `token_id` decodes back to `word`: an unknown word is one token too, the same <unk> for
+    every unknown word, and a tokenizer that declares no unknown token gives no other way to tell."""
+    return token_id != tokenizer.unk_token_id and tokenizer.decode([token_id]).strip() == word.strip()
 
 
 def _is_single_token(tokenizer, word: str) -> bool:
     ids = tokenizer.encode(" " + word, add_special_tokens=False)
-    # An unknown word is one token too, but it is the same <unk> for every unknown word.
-    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+    return len(ids) == 1 and _round_trips(tokenizer, ids[0], word)
+
+
+def _template(template: int) -> str:
+    if not (isinstance(template, int) and 0 <= template < len(W.IOI_TEMPLATES)):
+        raise ValueError(f"template must be an int in 0..{len(W.IOI_TEMPLATES) - 1} (an index into "
+                         f"organisms.words.IOI_TEMPLATES), got {template!r}")
+    return W.IOI_TEMPLATES[template]
 
 
 def single_token_words(tokenizer, candidates, what: str) -> list[str]:
@@ -120,7 +131,7 @@ def _ioi(rng, tok, template: int = 0):
     names = _need(single_token_words(tok, W.NAMES, "names"), 3, "names")
     places = _need(single_token_words(tok, W.PLACES, "places"), 1, "places")
     objects = _need(single_token_words(tok, W.OBJECTS, "objects"), 1, "objects")
-    text = W.IOI_TEMPLATES[template]
+    text = _template(template)
 
     def example():
         a, b, c = rng.sample(names, 3)
@@ -159,6 +170,7 @@ def _greater_than(rng, tok):
         above, below = rng.randint(start + 1, 99), rng.randint(0, start - 1)
         return clean, corrupt, f"{above:02d}", f"{below:02d}", {"start": start}
 
+    example.capacity = 97 * len(W.CENTURIES) * len(events)  # distinct clean prompts
     return example
 
 
@@ -171,6 +183,7 @@ def _facts(rng, tok):
         (x, city), (x2, city2) = rng.sample(pairs, 2)
         return W.FACT_TEMPLATE.format(X=x), W.FACT_TEMPLATE.format(X=x2), " " + city, " " + city2, {}
 
+    example.capacity = len(pairs)
     return example
 
 
@@ -185,7 +198,35 @@ def _register(rng, tok):
         corrupt = W.REGISTER_TEMPLATE.format(cue=W.REGISTER_NEUTRAL, O=obj, w=plain)
         return clean, corrupt, " " + formal, " " + plain, {}
 
+    example.capacity = len(pairs) * len(objects)
     return example
+
+
+def _ioi_question(rng, tok, cue: str = "to", template: int = 0):
+    """IOI as a question (the checkpoint series' format): "... {cue} whom? A:". Cue "to" asks for the
+    indirect object, cue "from" for the subject; the corrupt prompt replaces the repeated subject by a
+    third name (ABC), as in `ioi`."""
+    from .organisms.corpus import ioi_question_prompt
+
+    names = _need(single_token_words(tok, W.NAMES, "names"), 3, "names")
+    places = _need(single_token_words(tok, W.PLACES, "places"), 1, "places")
+    objects = _need(single_token_words(tok, W.OBJECTS, "objects"), 1, "objects")
+    text = W.IOI_TEMPLATES[template]
+
+    def example():
+        a, b, c = rng.sample(names, 3)
+        s = rng.choice((a, b))
+        io = b if s == a else a
+        fill = dict(template=text, A=a, B=b, P=rng.choice(places), O=rng.choice(objects))
+        answer, wrong = (io, s) if cue == "to" else (s, io)
+        clean, corrupt = ioi_question_prompt(dict(fill, S=s), cue), ioi_question_prompt(dict(fill, S=c), cue)
+        return clean, corrupt, " " + answer, " " + wrong, {}
+
+    return example
+
+
+def _ioi_from(rng, tok, template: int = 0):
+    return _ioi_question(rng, tok, cue="from", template=template)
 
 
 TASKS = {
@@ -194,21 +235,30 @@ TASKS = {
     "greater_than": _greater_than,
     "facts": _facts,
     "register": _register,
+    "ioi_qa": _ioi_question,
+    "ioi_from": _ioi_from,
 }
 
 
 def _answer_id(tok, prompt_ids: list[int], prompt: str, answer: str) -> int | None:
     ids = tok.encode(prompt + answer, add_special_tokens=False)
     extends_prompt = len(ids) == len(prompt_ids) + 1 and ids[: len(prompt_ids)] == prompt_ids
-    if not extends_prompt or ids[-1] == tok.unk_token_id:
+    if not extends_prompt or not _round_trips(tok, ids[-1], answer):
         return None
     return ids[-1]
 
 
-def make(name: str, model, n: int = 64, seed: int = 0, **options) -> Task:
+def make(name: str, model, n: int = 64, seed: int = 0, distinct: bool = False, **options) -> Task:
     """Build `n` examples of task `name` for `model`'s tokenizer, reproducibly from `seed`.
 
-    Options: ioi `template` (index into IOI_TEMPLATES); induction `span`, `predict`.
+    Examples are drawn at random, so a task with few possible prompts (`facts` has one per
+    country) repeats some: that is warned about, with the number of distinct clean prompts.
+    `distinct=True` draws without repeats instead, and raises when the task cannot produce `n`
+    distinct clean prompts (the error says how many it found).
+
+    Options: ioi, ioi_qa, ioi_from `template` (index into IOI_TEMPLATES); induction `span`, `predict`.
+    ioi_qa and ioi_from are the planted conflict of the checkpoint series (`organisms/series.py`):
+    the same question with cue "to whom?" (answer: indirect object) or "from whom?" (answer: subject).
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
@@ -219,19 +269,27 @@ def make(name: str, model, n: int = 64, seed: int = 0, **options) -> Task:
     example = TASKS[name](rng, tok, **options)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
 
-    rows, length, rejected = [], None, 0
+    rows, length, rejected, seen = [], None, 0, set()
     for _ in range(20 * n):
         if len(rows) == n:
             break
         clean, corrupt, answer, wrong, meta = example()
+        if distinct and clean in seen:
+            continue
         c_ids = tok.encode(clean, add_special_tokens=False)
         k_ids = tok.encode(corrupt, add_special_tokens=False)
         a_id, w_id = _answer_id(tok, c_ids, clean, answer), _answer_id(tok, c_ids, clean, wrong)
         length = length or len(c_ids)
-        if len(c_ids) != length or len(k_ids) != length or a_id is None or w_id is None:
+        if len(c_ids) != length or len(k_ids) != length or a_id is None or w_id is None or a_id == w_id:
             rejected += 1
             continue
+        seen.add(clean)
         rows.append((bos + c_ids, bos + k_ids, a_id, w_id, clean, corrupt, meta))
+    if distinct and len(rows) < n:
+        capacity = getattr(example, "capacity", None)
+        can = f" (it can produce {capacity})" if capacity else f" in {20 * n} draws"
+        raise ValueError(f"{name} produced only {len(seen)} distinct clean prompts{can} but n={n} were asked "
+                         "for; ask for fewer, or pass distinct=False to allow repeats.")
     if len(rows) < n:
         raise ValueError(
             f"could build only {len(rows)} of {n} {name} prompts whose clean and corrupt versions "
@@ -240,6 +298,12 @@ def make(name: str, model, n: int = 64, seed: int = 0, **options) -> Task:
         )
     if rejected:
         warnings.warn(f"{name}: skipped {rejected} sampled prompts of a different token length", stacklevel=2)
+    capacity = getattr(example, "capacity", None)  # generators that know it say how many prompts they can make
+    if len(seen) < n and ((capacity and n > capacity) or len(seen) < 0.9 * n):
+        can = f"; it can produce {capacity}" if capacity else ""
+        warnings.warn(f"{name}: {n} examples but only {len(seen)} distinct clean prompts{can}. Repeats weigh some "
+                      "prompts twice (probes.task_activations keeps them in one split); pass distinct=True to draw "
+                      "without repeats.", stacklevel=2)
     clean_ids, corrupt_ids, answers, wrongs, clean_text, corrupt_text, metas = zip(*rows)
     device = model.device
     meta = {k: torch.tensor([m[k] for m in metas]) for k in metas[0]}

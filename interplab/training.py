@@ -1,6 +1,7 @@
 """Training loops: language-model fine-tuning and preference tuning (DPO / IPO).
 
-Used by the organism recipes and, later, by localized (masked) updates.
+Used by the organism recipes and by localized (masked) updates: `train(grad_mask=...)` for one run,
+`train_masked` for K masked runs trained together (one vmapped forward over stacked parameters).
 Every loop is seeded and deterministic on CPU.
 """
 
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 
@@ -122,3 +125,119 @@ def preference_loss(
         return ((margin - 1 / (2 * beta)) ** 2).mean()
     raise ValueError(f"kind must be 'dpo' or 'ipo', not {kind!r}")
 
+
+@dataclass
+class MaskedRuns:
+    """K masked fine-tuning runs trained together (`train_masked`).
+
+    params: the trained values of every parameter some run's mask names, stacked `[K, *shape]`;
+    every other parameter is the model's own, untouched by all runs. losses: `[steps, K]`.
+    """
+
+    params: dict[str, torch.Tensor]
+    losses: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.losses.shape[1]
+
+    def state(self, k: int) -> dict[str, torch.Tensor]:
+        """Run k's trained parameters (those the masks name), each of the parameter's own shape."""
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"run {k} does not exist; there are {len(self)} runs")
+        return {name: p[k] for name, p in self.params.items()}
+
+    def load_into(self, model: torch.nn.Module, k: int) -> torch.nn.Module:
+        """Copy run k's parameters into `model` (a copy of the model that was trained) in place; returns it."""
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.state(k).items():
+                named[name].copy_(value)
+        return model
+
+
+class _Bound:
+    """`model` called with substituted parameters, so a loss written for a module works under `vmap`."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]):
+        self.model, self.params = model, params
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.model, self.params, args, kwargs)
+
+
+def train_masked(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.nn.Module, int], torch.Tensor],
+    masks: list[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+    warmup: int = 100,
+    desc: str = "masked runs",
+) -> MaskedRuns:
+    """Train K = len(masks) masked runs of `model` together; run k equals `train(copy_of_model, loss_fn, steps,
+    lr, warmup, grad_mask=masks[k])` up to float rounding.
+
+    The parameters some mask names are stacked `[K, *shape]`, and one `torch.func.vmap` over
+    `functional_call` runs the K models on the same batch: `loss_fn(model, step)` is called once per step,
+    with a stand-in module, for all runs (every run sees the same data; random ops inside it are drawn once
+    for all runs; the model must be deterministic in training mode: no dropout). Per run, as in `train`
+    under a mask: the gradient is multiplied by the mask, clipped to norm 1 over the run's parameters,
+    AdamW without weight decay, warmup + cosine schedule; AdamW is elementwise, so one AdamW over the
+    stacked tensors is K independent ones. Parameters outside a run's mask get a zero gradient and so a
+    zero update: they stay bit-identical. Only stacked parameters need gradients, so frozen weights cost no
+    weight-gradient work. `model` is not modified. In float32, entries whose gradient is rounding noise
+    (key biases, which softmax ignores) drift apart from `train`'s by up to `lr` a step, since AdamW
+    normalizes that noise; the trained functions agree to float rounding.
+    Returns the stacked trained parameters and the losses `[steps, K]`.
+    """
+    if not masks:
+        raise ValueError("train_masked needs at least one mask (a dict {parameter name: 0/1 tensor})")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    named = dict(model.named_parameters())
+    for k, mask in enumerate(masks):
+        unknown = set(mask) - set(named)
+        if unknown:
+            raise KeyError(f"mask {k} names parameters the model does not have: {sorted(unknown)[:5]}")
+        wrong = [n for n, t in mask.items() if t.shape != named[n].shape]
+        if wrong:
+            raise ValueError(f"mask {k} has the wrong shape for {wrong[:3]}: each mask must have its parameter's shape")
+    names = [n for n in named if any(n in mask for mask in masks)]
+    K = len(masks)
+    stacked = {n: named[n].detach().unsqueeze(0).repeat(K, *[1] * named[n].dim()).requires_grad_() for n in names}
+    gate = {n: torch.stack([mask[n].to(named[n]) if n in mask else torch.zeros_like(named[n]) for mask in masks])
+            for n in names}  # (K, *shape)
+    frozen = {n: p.detach() for n, p in named.items() if n not in stacked}
+
+    # fused: one kernel per tensor instead of ~10 passes over K copies (same formula as `train`'s AdamW)
+    opt = torch.optim.AdamW(list(stacked.values()), lr=lr, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    was_training = model.training
+    model.train()
+    losses = []
+    try:
+        for step in (bar := tqdm(range(steps), desc=desc)):
+            losses.append(_masked_step(model, loss_fn, step, stacked, gate, frozen, opt))
+            sched.step()
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{losses[-1].mean().item():.3f}")
+    finally:
+        model.train(was_training)
+    return MaskedRuns({n: p.detach() for n, p in stacked.items()}, torch.stack(losses))
+
+
+def _masked_step(model, loss_fn, step, stacked, gate, frozen, opt) -> torch.Tensor:
+    """One AdamW step of all K runs; returns their losses `[K]`."""
+    K = len(next(iter(stacked.values())))
+    run = lambda params: loss_fn(_Bound(model, {**frozen, **params}), step)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # vmap has rules for it
+        loss = vmap(run, randomness="same")(stacked)  # (K,)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()  # each run's loss depends on its own slice only
+    grads = [stacked[n].grad.mul_(gate[n]) for n in stacked]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)  # (K,) as clip_grad_norm_
+    scale = (1.0 / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(K, *[1] * (g.dim() - 1)))
+    opt.step()
+    return loss.detach()

@@ -13,32 +13,51 @@ def _axis(scores, dim: str) -> list[str]:
     return [f"{i}: {names[i]}" if names else str(i) for i in range(n)]
 
 
-def _heatmap(values, x, y, zmax, showscale=True):
-    return go.Heatmap(z=values.tolist(), x=x, y=y, colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax,
-                      showscale=showscale, hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>")
+def _heatmap(values, x, y, zmax, showscale=True, probability=False):
+    # Probabilities run 0..1 on a sequential scale; signed effects on a diverging one centred on 0.
+    scale = dict(colorscale="Blues", zmin=0, zmax=1) if probability else \
+        dict(colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax)
+    return go.Heatmap(z=values.tolist(), x=x, y=y, showscale=showscale,
+                      hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>", **scale)
+
+
+def _every_label(labels: list[str]) -> dict:
+    """Axis settings that draw every category label: left to itself plotly drops labels that would
+    overlap (at JupyterLab width every other position, the final one, where the effect is, included)
+    and may read numeric labels ("0", "1") as a number line with fractional ticks."""
+    return dict(type="category", tickmode="array", tickvals=labels, ticktext=labels, automargin=True,
+                tickfont=dict(size=10 if len(labels) > 12 else 12))
 
 
 def scores_figure(scores, title: str | None = None, height: int | None = None) -> go.Figure:
-    """Heatmap for 2-D scores (first dim on y), bars for 1-D, small multiples for 3-D."""
+    """Heatmap for 2-D scores (first dim on y), bars for 1-D, small multiples for 3-D (one heatmap per
+    index of the first dim, stacked so that each is as wide as the figure and keeps every x label).
+    Scores with `meta["scale"] == "probability"` (the logit lens) use a sequential 0..1 colour scale."""
     title = title or scores.meta.get("title") or " × ".join(scores.dims)
     zmax = max(scores.values.abs().max().item(), 1e-9)
+    probability = scores.meta.get("scale") == "probability"
     if scores.values.dim() == 1:
         (dim,) = scores.dims
         fig = go.Figure(go.Bar(x=_axis(scores, dim), y=scores.values.tolist()))
-        fig.update_layout(xaxis_title=dim, yaxis_title="score")
+        fig.update_layout(xaxis_title=dim, yaxis_title="probability" if probability else "score")
+        fig.update_xaxes(**_every_label(_axis(scores, dim)))
     elif scores.values.dim() == 2:
         ydim, xdim = scores.dims
-        fig = go.Figure(_heatmap(scores.values, _axis(scores, xdim), _axis(scores, ydim), zmax))
-        fig.update_layout(xaxis_title=xdim, yaxis_title=ydim, yaxis_autorange="reversed")
+        x, y = _axis(scores, xdim), _axis(scores, ydim)
+        fig = go.Figure(_heatmap(scores.values, x, y, zmax, probability=probability))
+        fig.update_xaxes(title=xdim, **_every_label(x))
+        fig.update_yaxes(title=ydim, autorange="reversed", **_every_label(y))
     elif scores.values.dim() == 3:
         outer, ydim, xdim = scores.dims
-        names = _axis(scores, outer)
-        fig = make_subplots(rows=1, cols=len(names), subplot_titles=[f"{outer} {n}" for n in names],
-                            shared_yaxes=True)
+        names, x, y = _axis(scores, outer), _axis(scores, xdim), _axis(scores, ydim)
+        fig = make_subplots(rows=len(names), cols=1, subplot_titles=[f"{outer} {n}" for n in names],
+                            shared_xaxes=True, vertical_spacing=min(0.3 / len(names), 0.08))
         for i in range(len(names)):
-            fig.add_trace(_heatmap(scores.values[i], _axis(scores, xdim), _axis(scores, ydim), zmax, i == 0),
-                          row=1, col=i + 1)
-        fig.update_yaxes(autorange="reversed")
+            fig.add_trace(_heatmap(scores.values[i], x, y, zmax, i == 0, probability), row=i + 1, col=1)
+        fig.update_xaxes(**_every_label(x))  # labels drawn under the bottom facet (shared x)
+        fig.update_xaxes(title=xdim, row=len(names), col=1)
+        fig.update_yaxes(title=ydim, autorange="reversed", **_every_label(y))
+        height = height or 160 + len(names) * (40 + 22 * len(y))
     else:
         raise ValueError(f"cannot plot {scores.values.dim()}-D scores; select or average dims first")
     fig.update_layout(title=title, height=height or 420, margin=dict(l=60, r=20, t=60, b=60))
@@ -95,8 +114,8 @@ def _node_position(node: str, n_layers: int, n_heads: int) -> tuple[float, float
 
 
 def circuit_figure(circuit, title: str | None = None, max_edges: int = 200, height: int = 480) -> go.Figure:
-    """The circuit's edges between nodes placed by layer; width by |score|, colour by sign, dash by
-    the receiving input (query solid, key dashed, value dotted). At most `max_edges` edges, largest first."""
+    """The circuit's edges between nodes placed by layer; width by |score|, colour by sign (red: the edge
+    carries the clean-vs-corrupt effect, score > 0; blue: it works against it), dash by the receiving input (query solid, key dashed, value dotted). At most `max_edges` edges, largest first."""
     graph = circuit.graph
     edges = circuit.edges()[:max_edges]
     largest = max((abs(v) for *_, v in edges), default=1.0) or 1.0
@@ -109,7 +128,7 @@ def circuit_figure(circuit, title: str | None = None, max_edges: int = 200, heig
             x=[x0, x1], y=[y0, y1], mode="lines", showlegend=False, hoverinfo="text",
             text=f"{sender} → {receiver}: {score:+.3g}",
             line=dict(width=0.5 + 6 * abs(score) / largest, dash=dash[slot],
-                      color="rgba(178,24,43,0.7)" if score < 0 else "rgba(33,102,172,0.7)")))
+                      color="rgba(178,24,43,0.7)" if score > 0 else "rgba(33,102,172,0.7)")))
     nodes = {"input", "logits"} | {n.split("<")[0] for s, r, _ in edges for n in (s, r)}
     xy = [_node_position(n, graph.n_layers, graph.n_heads) for n in sorted(nodes)]
     fig.add_trace(go.Scatter(x=[p[0] for p in xy], y=[p[1] for p in xy], mode="markers+text", text=sorted(nodes),
@@ -117,11 +136,11 @@ def circuit_figure(circuit, title: str | None = None, max_edges: int = 200, heig
                              hoverinfo="text"))
     ticks = [2 * l + 1 for l in range(graph.n_layers)]
     fig.update_layout(
-        title=title or f"circuit: {circuit.n_edges} of {graph.n_edges} edges (red: corrupting hurts)",
+        title=title or f"circuit: {circuit.n_edges} of {graph.n_edges} edges (red: carries the effect)",
         height=height, plot_bgcolor="white", margin=dict(l=40, r=20, t=60, b=40),
         xaxis=dict(tickvals=[0] + ticks + [2 * graph.n_layers + 1],
                    ticktext=["input"] + [f"layer {l}" for l in range(graph.n_layers)] + ["logits"]),
-        yaxis=dict(title="head", autorange="reversed"))
+        yaxis=dict(title="head", autorange="reversed", tickmode="array", tickvals=list(range(graph.n_heads))))
     return fig
 
 
@@ -151,4 +170,133 @@ def edge_scores_scatter(reference, estimates: dict, title: str | None = None) ->
                              line=dict(color="grey", dash="dot")))
     fig.update_layout(title=title or "edge scores against exact edge patching",
                       xaxis_title=reference.meta.get("method", "reference"), yaxis_title="estimate", height=460)
+    return fig
+
+
+def update_arms_figure(result, title: str = "localized updates") -> go.Figure:
+    """The update experiment (`updates.UpdateResult`): per metric, each run as a dot and each arm's mean with
+    its 95% interval."""
+    metrics = {"gain": "target gain", "retention": "retention (Δ other tasks)", "kl": "KL from base"}
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics.values()))
+    for col, metric in enumerate(metrics, start=1):
+        for row in result.rows():
+            runs = result.arm(row["arm"])
+            mean, low, high = row[metric]
+            fig.add_trace(go.Box(y=[getattr(r, metric) for r in runs], name=row["arm"], boxpoints="all",
+                                 fillcolor="rgba(0,0,0,0)", line_color="rgba(0,0,0,0)", pointpos=0, jitter=0.4,
+                                 marker=dict(size=5, opacity=0.5), showlegend=False, hoverinfo="y"),
+                          row=1, col=col)
+            error = dict(type="data", symmetric=False, array=[high - mean], arrayminus=[mean - low]) \
+                if low == low else None  # no interval for a single run (nan)
+            fig.add_trace(go.Scatter(x=[row["arm"]], y=[mean], mode="markers", error_y=error,
+                                     marker=dict(size=10, color="black", symbol="diamond"), showlegend=False,
+                                     hovertemplate=f"{row['arm']}: mean %{{y:.3f}}<extra></extra>"),
+                          row=1, col=col)
+    fig.update_layout(title=title, height=380)
+    return fig
+
+
+# ---- free evolution (helper "evolution"): circuits over a checkpoint series ----
+
+def _component_grid(names: list[str], values) -> tuple[list[list[float]], list[str], list[str]]:
+    """Component values laid out `[layer, head..., mlp]` for a heatmap: (z, x labels, y labels)."""
+    layers = sorted({int(n[1:].split(".")[0]) for n in names})
+    n_heads = sum(1 for n in names if n.startswith(f"a{layers[0]}."))
+    z = [[None] * (n_heads + 1) for _ in layers]
+    for name, v in zip(names, values):
+        layer = int(name[1:].split(".")[0])
+        z[layer][n_heads if name.startswith("m") else int(name.split(".h")[1])] = float(v)
+    return z, [f"h{h}" for h in range(n_heads)] + ["mlp"], [f"layer {layer}" for layer in layers]
+
+
+def circuit_grids_figure(traj, task: str, t: int, height: int = 360) -> go.Figure:
+    """The task's component scores at checkpoint 0 and at checkpoint t, side by side; circuit members
+    (top-k by |score|) are ringed."""
+    titles = [f"{traj.labels[i]}: circuit {', '.join(traj.circuit(task, i))}" for i in (0, t)]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles, shared_yaxes=True)
+    zmax = max(float(traj.scores[task][[0, t]].abs().max()), 1e-9)
+    for col, i in enumerate((0, t), start=1):
+        z, x, y = _component_grid(traj.components, traj.scores[task][i].tolist())
+        fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax, showscale=col == 1,
+                                 hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>"), row=1, col=col)
+        members = traj.circuit(task, i)
+        cells = [(x[-1] if n.startswith("m") else f"h{n.split('.h')[1]}", f"layer {n[1:].split('.')[0]}")
+                 for n in members]
+        fig.add_trace(go.Scatter(x=[c[0] for c in cells], y=[c[1] for c in cells], mode="markers", showlegend=False,
+                                 marker=dict(symbol="circle-open", size=22, color="black", line=dict(width=2)),
+                                 hoverinfo="skip"), row=1, col=col)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=f"{task}: component scores, top {traj.k} ringed", height=height,
+                      margin=dict(l=60, r=20, t=80, b=40))
+    return fig
+
+
+def trajectory_curves(traj, task: str, marker: int | None = None, height: int = 380) -> go.Figure:
+    """Distance (left) and stability (right) of the task's circuit over checkpoints; a dotted line at `marker`."""
+    x = list(range(len(traj.labels)))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["circuit distance", "circuit stability"])
+    distance = {"to step 0 (Jaccard)": traj.distance(task), "heads only": traj.distance(task, kind="head"),
+                "MLPs only": traj.distance(task, kind="mlp"), "weighted": traj.distance(task, weighted=True),
+                "to previous": traj.distance(task, "previous")}
+    stability = {"Spearman to step 0": traj.rank_stability(task), "faithfulness of C_0 on θ_t":
+                 traj.faithfulness[task][0], "faithfulness of C_t on θ_t": traj.faithfulness[task].diagonal(),
+                 "mean CKA to step 0": traj.cka[task].nanmean(1)}
+    for col, curves in enumerate((distance, stability), start=1):
+        for name, y in curves.items():
+            fig.add_trace(go.Scatter(x=x, y=y.tolist(), mode="lines+markers", name=name), row=1, col=col)
+    if marker is not None:
+        for col in (1, 2):
+            fig.add_vline(x=marker, line_dash="dot", line_color="black", row=1, col=col)
+    fig.update_xaxes(tickvals=x, ticktext=traj.labels, tickangle=-45)
+    fig.update_layout(title=f"{task}: how the top-{traj.k} circuit moves ({traj.meta.get('position', 'all')} "
+                            "positions)", height=height, margin=dict(l=60, r=20, t=60, b=80))
+    return fig
+
+
+def trajectory_heatmap(traj, task: str, height: int = 520) -> go.Figure:
+    """Components × checkpoints heatmap of the task's scores; circuit members marked with a dot."""
+    values = traj.scores[task].T  # (n_comp, n_ckpt)
+    zmax = max(float(values.abs().max()), 1e-9)
+    fig = go.Figure(_heatmap(values, traj.labels, traj.components, zmax))
+    cells = [(traj.labels[t], n) for t in range(len(traj.labels)) for n in traj.circuit(task, t)]
+    fig.add_trace(go.Scatter(x=[c[0] for c in cells], y=[c[1] for c in cells], mode="markers", showlegend=False,
+                             marker=dict(size=6, color="black"), hoverinfo="skip"))
+    fig.update_layout(title=f"{task}: component scores over checkpoints (dots: top {traj.k})", height=height,
+                      yaxis_autorange="reversed", xaxis_title="checkpoint", yaxis_title="component")
+    return fig
+
+
+def trajectory_conflict(traj, height: int = 380) -> go.Figure:
+    """Per task pair over checkpoints: circuit overlap (left) and the mean gradient cosine over shared
+    components (right; below 0, the tasks pull their shared components opposite ways)."""
+    x = list(range(len(traj.labels)))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"|C_A ∩ C_B| (k = {traj.k})",
+                                                        "gradient cosine on shared components"])
+    for a, b in traj.cosine:
+        fig.add_trace(go.Scatter(x=x, y=traj.overlap(a, b).tolist(), mode="lines+markers", name=f"{a} / {b}"),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=traj.shared_cosine(a, b).tolist(), mode="lines+markers",
+                                 name=f"{a} / {b} cosine"), row=1, col=2)
+    fig.add_hline(y=0, line_dash="dot", line_color="grey", row=1, col=2)
+    fig.update_xaxes(tickvals=x, ticktext=traj.labels, tickangle=-45)
+    fig.update_layout(title="circuit conflict between tasks", height=height, margin=dict(l=60, r=20, t=60, b=80))
+    return fig
+
+
+# ---- parameter decomposition ----
+
+def decomposition_figure(dec, title: str = "Parameter decomposition") -> go.Figure:
+    """L0 per module (left) and every loss term on a log scale (right) over a `Decomposition`'s training."""
+    if not dec.history["step"]:
+        raise RuntimeError("nothing logged yet: call fit(...) first")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("L0 (components with g > 0.1 per token)", "losses"))
+    steps = dec.history["step"]
+    for key, values in dec.history.items():
+        if key == "step":
+            continue
+        col = 1 if key.startswith("L0/") else 2
+        fig.add_trace(go.Scatter(x=steps, y=values, name=key, mode="lines"), row=1, col=col)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(title=title, height=420, margin=dict(l=60, r=20, t=60, b=60))
     return fig

@@ -7,6 +7,8 @@ reuses a cached one) and redraws the heatmap below the controls.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import ipywidgets as widgets
 from IPython.display import display
 
@@ -17,8 +19,15 @@ class PatchingExplorer:
     """Controls plus a figure; `.scores` and `.figure` hold what is currently shown.
 
     Setting a control's `.value` (in the browser or in code) redraws, so the
-    callbacks are testable without a browser.
+    callbacks are testable without a browser. A sweep takes seconds, so while
+    one runs the controls are disabled, `.status` says what is computing and
+    the old figure is cleared (`.busy` is True): no stale figure under new controls.
     """
+
+    KIND_LABELS = {"resid": "residual stream", "attn_out": "attention output (whole layer)",
+                   "mlp_out": "MLP output", "heads": "attention heads (output)", "q": "attention heads (queries)",
+                   "k": "attention heads (keys)", "v": "attention heads (values)"}
+    MODE_TOOLTIPS = ("clean activation into the corrupt run", "corrupt activation into the clean run")
 
     def __init__(self, m, tasks: dict, kind: str = "heads", per_position: bool = False, mode: str = "denoising",
                  **sweep_options):
@@ -26,14 +35,20 @@ class PatchingExplorer:
             raise ValueError("explorer needs at least one task: explorer(m, {'ioi': task})")
         self.m, self.tasks, self.sweep_options = m, tasks, sweep_options
         self.task = widgets.Dropdown(options=list(tasks), description="task")
-        self.kind = widgets.Dropdown(options=patching.KINDS, value=kind, description="component")
-        self.mode = widgets.ToggleButtons(options=patching.MODES, value=mode, description="mode")
+        self.kind = widgets.Dropdown(options=[(self.KIND_LABELS[k], k) for k in patching.KINDS], value=kind,
+                                     description="component")
+        self.mode = widgets.ToggleButtons(options=patching.MODES, value=mode, description="mode",
+                                          tooltips=list(self.MODE_TOOLTIPS))
         self.per_position = widgets.Checkbox(value=per_position, description="per position")
+        self.status = widgets.HTML()
         self.output = widgets.Output()
-        self.widget = widgets.VBox([widgets.HBox([self.task, self.kind, self.per_position]), self.mode, self.output])
+        self.controls = (self.task, self.kind, self.mode, self.per_position)
+        self.widget = widgets.VBox([widgets.HBox([self.task, self.kind, self.per_position]),
+                                    widgets.HBox([self.mode, self.status]), self.output])
         self._cache: dict[tuple, object] = {}
         self.scores = self.figure = None
-        for control in (self.task, self.kind, self.mode, self.per_position):
+        self.busy = False
+        for control in self.controls:
             control.observe(self.redraw, names="value")
         self.redraw()
 
@@ -43,16 +58,45 @@ class PatchingExplorer:
         per_position = self.per_position.value or self.kind.value == "resid"
         return self.task.value, self.kind.value, per_position, self.mode.value
 
+    def title(self, key: tuple[str, str, bool, str]) -> str:
+        """Names the task, mode, component and whether positions are patched one at a time or all at once."""
+        task, kind, per_position, mode = key
+        where = "one position at a time" if per_position else "all positions at once"
+        what = "normalized effect" if self.sweep_options.get("normalize", True) else "effect"
+        return f"{mode} patching of {self.KIND_LABELS[kind]}, {where}, on {task} ({what})"
+
+    @contextmanager
+    def _computing(self, key: tuple[str, str, bool, str]):
+        """Controls disabled, old figure cleared and a status line while a sweep runs; restored after,
+        also when the sweep raises (then the status keeps the error)."""
+        enabled = [not c.disabled for c in self.controls]
+        self.busy, self.figure = True, None
+        for control in self.controls:
+            control.disabled = True
+        self.status.value = f"<i>computing: {self.title(key)}…</i>"
+        self.output.clear_output()
+        try:
+            yield
+            self.status.value = ""
+        except Exception as error:
+            self.status.value = f"<b>failed</b>: {type(error).__name__}: {error}"
+            raise
+        finally:
+            for control, on in zip(self.controls, enabled):
+                control.disabled = not on
+            self.busy = False
+
     def redraw(self, change=None) -> None:
         self.per_position.disabled = self.kind.value == "resid"
         key = self.settings()
         if key not in self._cache:
             task, kind, per_position, mode = key
             options = dict(progress=False) | self.sweep_options
-            self._cache[key] = patching.sweep(self.m, self.tasks[task], kind, per_position=per_position, mode=mode,
-                                              **options)
+            with self._computing(key):
+                self._cache[key] = patching.sweep(self.m, self.tasks[task], kind, per_position=per_position,
+                                                  mode=mode, **options)
         self.scores = self._cache[key]
-        self.figure = self.scores.plot()
+        self.figure = self.scores.plot(title=self.title(key))
         with self.output:
             self.output.clear_output(wait=True)
             display(self.figure)
@@ -70,3 +114,120 @@ def explorer(m, tasks, **options) -> PatchingExplorer:
         tasks = [tasks] if hasattr(tasks, "clean") else list(tasks)
         tasks = {task.name: task for task in tasks}
     return PatchingExplorer(m, tasks, **options)
+
+
+# ---- free evolution (helper "evolution") ----
+
+class CheckpointExplorer:
+    """A checkpoint slider over a `evolution.Trajectory`: the circuit at step t beside the step-0 circuit,
+    and the distance/stability curves with a marker at t. `.grids` and `.curves` hold the figures shown;
+    setting `.checkpoint.value` or `.task.value` (in the browser or in code) redraws."""
+
+    def __init__(self, traj, task: str | None = None, checkpoint: int | None = None):
+        if task is not None and task not in traj.tasks:
+            raise ValueError(f"task {task!r} is not in the trajectory; it tracked {traj.tasks}")
+        self.traj = traj
+        last = len(traj.labels) - 1
+        self.task = widgets.Dropdown(options=traj.tasks, value=task or traj.tasks[0], description="task")
+        self.checkpoint = widgets.SelectionSlider(options=[(lab, i) for i, lab in enumerate(traj.labels)],
+                                                  value=last if checkpoint is None else checkpoint,
+                                                  description="checkpoint", continuous_update=False)
+        self.output = widgets.Output()
+        self.widget = widgets.VBox([widgets.HBox([self.task, self.checkpoint]), self.output])
+        self.grids = self.curves = None
+        for control in (self.task, self.checkpoint):
+            control.observe(self.redraw, names="value")
+        self.redraw()
+
+    def redraw(self, change=None) -> None:
+        from .viz import circuit_grids_figure, trajectory_curves
+
+        task, t = self.task.value, self.checkpoint.value
+        self.grids = circuit_grids_figure(self.traj, task, t)
+        self.curves = trajectory_curves(self.traj, task, marker=t)
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(self.grids)
+            display(self.curves)
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+
+class EditExplorer:
+    """Pick heads and an ITI strength α (or the learned edit at those heads): see the next-token distribution
+    over colours for a prompt and the edit's truth / informativeness scores (`truthfulness.Evaluator`).
+
+    `probe` is an `edits.ITIProbe`; `train_pairs` (`truthfulness.Pairs`) trains the learned edit
+    (`edits.rank1`, IPO with τ = `tau`) the first time a head set is shown with the learned toggle, then
+    reuses it. Setting a control's `.value` redraws, so it is testable without a browser.
+    """
+
+    def __init__(self, m, probe, evaluator, train_pairs, prompt: str = "The glimmet is", heads=((0, 1),),
+                 alpha: float = 10.0, tau: float = 0.025, steps: int = 60, lr: float = 1e-2):
+        from . import edits
+
+        self.m, self.probe, self.evaluator, self.train_pairs = m, probe, evaluator, train_pairs
+        self.tau, self.steps, self.lr = tau, steps, lr
+        options = [(edits.head_name(h), h) for h in edits.all_heads(m)]
+        self.heads = widgets.SelectMultiple(options=options, value=tuple(heads), rows=min(8, len(options)),
+                                            description="heads")
+        self.alpha = widgets.FloatSlider(value=alpha, min=0.0, max=40.0, step=1.0, description="α")
+        self.kind = widgets.ToggleButtons(options=["ITI", "learned"], value="ITI", description="edit")
+        self.prompt = widgets.Text(value=prompt, description="prompt")
+        self.output = widgets.Output()
+        self.widget = widgets.VBox([widgets.HBox([self.heads, widgets.VBox([self.kind, self.alpha, self.prompt])]),
+                                    self.output])
+        self._learned: dict[tuple, object] = {}
+        self.edit = self.probs = self.scores = self.figure = None
+        for control in (self.heads, self.alpha, self.kind, self.prompt):
+            control.observe(self.redraw, names="value")
+        self.redraw()
+
+    def current_edit(self):
+        """The edit the controls describe, or None (no heads chosen: the unedited model)."""
+        from . import edits
+
+        heads = list(self.heads.value)
+        if not heads:
+            return None
+        if self.kind.value == "ITI":
+            return edits.iti(self.m, self.probe, heads, self.alpha.value)
+        key = tuple(heads)
+        if key not in self._learned:
+            e = edits.rank1(self.m, heads)
+            p = self.train_pairs
+            edits.train(self.m, [e], p.prompts, p.chosen, p.rejected, kind="ipo", beta=self.tau, steps=self.steps,
+                        lr=self.lr, progress=False)
+            self._learned[key] = e
+        return self._learned[key]
+
+    def redraw(self, change=None) -> None:
+        import plotly.graph_objects as go
+
+        from .organisms import words
+        from .truthfulness import word_ids
+
+        self.alpha.disabled = self.kind.value == "learned"
+        self.edit = self.current_edit()
+        logits_fn = self.m.logits if self.edit is None else self.edit.logits
+        colours = word_ids(self.m, list(words.COLOURS))
+        final = logits_fn(self.m.to_tokens(self.prompt.value))[0, -1].softmax(-1)  # (V,)
+        self.probs = dict(zip(words.COLOURS, final[colours].tolist()))
+        self.scores = self.evaluator(logits_fn, tasks=False).summary()
+        s = self.scores
+        title = (f"{self.prompt.value!r}: truth {s['truth']:.2f}, MC top-1 {s['mc_top1']:.2f}, "
+                 f"ΔLM {s['lm_delta']:+.3f}, KL {s['kl']:.3f}, truth×info {s['product']:.2f}")
+        self.figure = go.Figure(go.Bar(x=list(self.probs), y=list(self.probs.values())))
+        self.figure.update_layout(title=title, yaxis_title="p(next token)", height=360)
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(self.figure)
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+
+def edit_explorer(m, probe, evaluator, train_pairs, **options) -> EditExplorer:
+    """An edit explorer (see `EditExplorer`); `options`: prompt, heads, alpha, tau, steps, lr."""
+    return EditExplorer(m, probe, evaluator, train_pairs, **options)

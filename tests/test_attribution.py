@@ -49,9 +49,14 @@ def hf_senders(m, tokens):
     return out
 
 
-def hf_edge_derivative(m, task, sender, receiver):
-    """d/d eps of the mean metric when only `receiver`'s input (before its norm) moves by eps * delta(sender)."""
-    delta = hf_senders(m, task.corrupt)[sender] - hf_senders(m, task.clean)[sender]
+def hf_edge_derivative(m, task, sender, receiver, alpha=1.0):
+    """d/d eps of the mean metric when only `receiver`'s input (before its norm) moves by eps * delta(sender),
+    delta = clean - corrupt output of the sender, on the run whose input embeddings are
+    corrupt + alpha * (clean - corrupt) (alpha = 1: the clean run)."""
+    delta = hf_senders(m, task.clean)[sender] - hf_senders(m, task.corrupt)[sender]
+    embed_clean, embed_corrupt = hf_senders(m, task.clean)["input"], hf_senders(m, task.corrupt)["input"]
+    mixed = embed_corrupt + alpha * (embed_clean - embed_corrupt)
+    interpolate = m.hf.transformer.drop.register_forward_hook(lambda mod, a, o: mixed)
     eps = torch.zeros((), dtype=torch.float64, requires_grad=True)
     shift = lambda mod, args: (args[0] + eps * delta,)  # noqa: E731
     if receiver == "logits":
@@ -77,6 +82,7 @@ def hf_edge_derivative(m, task, sender, receiver):
         (grad,) = torch.autograd.grad(metric, eps)
     finally:
         handle.remove()
+        interpolate.remove()
         if not receiver.startswith(("m", "logits")):
             keep.remove()
     return grad.item()
@@ -97,14 +103,32 @@ def test_eap_scores_are_delta_times_gradient_by_plain_autograd(setup):
     assert (scored.scores[~g.valid] == 0).all()
 
 
-def test_eap_ig_with_one_step_is_eap_and_converges_with_more_steps(setup):
+IG_EDGES = [("input", "a1.h2<k>"), ("a0.h3", "a1.h0<v>"), ("m0", "logits"), ("a0.h2", "m0"), ("input", "logits")]
+
+
+def test_eap_ig_is_the_right_riemann_sum_of_an_independent_path_integral(setup):
+    """EAP-IG with m steps averages the gradient at alpha = k/m, k = 1..m (the paper's endpoints), and
+    converges to the integral over alpha in [0, 1], here a 64-interval trapezoid rule of raw-hook gradients."""
     m, task = setup
-    eap = attribution.edges(m, task, method="EAP").scores
-    assert torch.allclose(attribution.edges(m, task, method="EAP-IG", steps=1).scores, eap, atol=1e-7)
-    ig = {s: attribution.edges(m, task, method="EAP-IG", steps=s).scores for s in (2, 8, 32, 128)}
-    errors = [(ig[s] - ig[128]).abs().max().item() for s in (2, 8, 32)]
-    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.1 * errors[0]
-    assert (ig[2] - eap).abs().max() > 10 * errors[2]  # IG is not EAP on this model
+    steps, fine = 4, 64
+    ig = attribution.edges(m, task, method="EAP-IG", steps=steps)
+    many = attribution.edges(m, task, method="EAP-IG", steps=256)
+    eap = attribution.edges(m, task, method="EAP")
+    g = ig.graph
+    far, gaps = [], []
+    for sender, receiver in IG_EDGES:
+        at = [hf_edge_derivative(m, task, sender, receiver, alpha=a / fine) for a in range(fine + 1)]
+        integral = (sum(at) - (at[0] + at[-1]) / 2) / fine  # trapezoid rule
+        right = sum(at[k * fine // steps] for k in range(1, steps + 1)) / steps  # alpha = 1/4, ..., 1
+        left = sum(at[k * fine // steps] for k in range(steps)) / steps  # alpha = 0, ..., 3/4 (hannamw/EAP-IG)
+        s, r = g.sender_index(sender), g.receiver_index(receiver)
+        assert ig.scores[s, r].item() == pytest.approx(right, abs=TOL), (sender, receiver)
+        assert many.scores[s, r].item() == pytest.approx(integral, abs=2e-3 * max(1.0, abs(integral)))
+        gaps.append(abs(right - left))
+        far.append(abs(eap.scores[s, r].item() - integral))
+        print(sender, receiver, f"right {right:+.4f} left {left:+.4f} integral {integral:+.4f}")
+    assert max(gaps) > 1e-3  # the endpoint convention is visible, so the first check can fail
+    assert max(far) > 0.05  # EAP (one step) is not the integral on this model, so the last check can fail
 
 
 def test_node_attribution_matches_autograd_and_sums_the_edges(setup):
@@ -118,7 +142,7 @@ def test_node_attribution_matches_autograd_and_sums_the_edges(setup):
             outgoing = edges[g.sender_index(f"a{l}.h{h}")].sum().item()
             assert nodes["heads"].values[l, h].item() == pytest.approx(outgoing, abs=TOL)
         assert nodes["mlp"].values[l].item() == pytest.approx(edges[g.sender_index(f"m{l}")].sum().item(), abs=TOL)
-    # Independent: (delta z) . dm/dz on the per-head input of c_proj in the Hugging Face model.
+    # Independent: (z_clean - z_corrupt) . dm/dz on the per-head input of c_proj in the Hugging Face model.
     z = {}
     hooks = [m.block(l).attn.c_proj.register_forward_pre_hook(lambda mod, a, l=l: z.__setitem__(l, a[0]))
              for l in range(m.n_layers)]
@@ -130,7 +154,7 @@ def test_node_attribution_matches_autograd_and_sums_the_edges(setup):
     for h in hooks:
         h.remove()
     for l in range(m.n_layers):
-        per_head = ((z_corrupt[l] - z[l].detach()) * grads[l]).view(*grads[l].shape[:2], m.n_heads, -1).sum((0, 1, 3))
+        per_head = ((z[l].detach() - z_corrupt[l]) * grads[l]).view(*grads[l].shape[:2], m.n_heads, -1).sum((0, 1, 3))
         assert torch.allclose(nodes["heads"].values[l].double(), per_head, atol=TOL)
 
 
@@ -192,11 +216,46 @@ def test_exact_edge_patching_matches_raw_hooks(setup, receiver):
     clean_run, corrupt_run = hf_senders(m, task.clean), hf_senders(m, task.corrupt)
     module = m.hf.transformer.ln_f if receiver == "logits" else m.block(int(receiver[1:])).ln_2
     for s in senders:
-        shift = corrupt_run[s] - clean_run[s]
+        shift = corrupt_run[s] - clean_run[s]  # corrupt this one edge
         handle = module.register_forward_pre_hook(lambda mod, args: (args[0] + shift,))
         with torch.no_grad():
             patched = task.metric(m.hf(task.clean).logits).mean().item()
         handle.remove()
         clean = task.metric(m.logits(task.clean)).mean().item()
         got = exact.scores[g.sender_index(s), g.receiver_index(receiver)].item()
-        assert got == pytest.approx(patched - clean, abs=1e-5), s
+        assert got == pytest.approx(clean - patched, abs=1e-5), s  # noising sign: +1 = carries the effect
+
+
+def test_normalized_attribution_divides_by_the_gap_and_a_metric_is_accepted(setup):
+    m, task = setup
+    clean, corrupt = (task.metric(m.logits(t)).mean().item() for t in (task.clean, task.corrupt))
+    raw = attribution.edges(m, task, method="EAP")
+    normalized = attribution.edges(m, task, method="EAP", normalize=True)
+    torch.testing.assert_close(normalized.scores, raw.scores / (clean - corrupt), atol=1e-6, rtol=1e-5)
+    # A custom metric with the one signature every method takes: (final logits [B, V], examples [B]) -> [B].
+    twice = lambda logits, ex: 2 * il.metrics.logit_diff(logits, task.answer[ex], task.wrong[ex])  # noqa: E731
+    torch.testing.assert_close(attribution.edges(m, task, method="EAP", metric=twice).scores, 2 * raw.scores,
+                               atol=1e-6, rtol=1e-5)
+    nodes = attribution.nodes(m, task, metric=twice)
+    torch.testing.assert_close(nodes["heads"].values, 2 * attribution.nodes(m, task)["heads"].values,
+                               atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="one value per row"):
+        attribution.edges(m, task, method="EAP", metric=lambda logits, ex: twice(logits, ex).sum())
+
+
+def test_attribution_refuses_bad_input_before_running(setup):
+    m, task = setup
+    with pytest.raises(ValueError, match="batch_size"):
+        attribution.edges(m, task, batch_size=0)
+    with pytest.raises(ValueError, match="steps"):
+        attribution.edges(m, task, steps=0)
+    big = task.clean.clone()
+    big[0, 1] = m.d_vocab + 5
+    with pytest.raises(ValueError, match="vocabulary"):
+        attribution.edges(m, Task("big", big, big, task.answer, task.wrong, [], []))
+    long = torch.randint(3, m.d_vocab, (2, 40))
+    with pytest.raises(ValueError, match="at most 32"):
+        attribution.edges(m, Task("long", long, long, task.answer[:2], task.wrong[:2], [], []))
+    same = Task("same", task.clean, task.clean, task.answer, task.wrong, [], [])
+    with pytest.raises(ValueError, match="normalized effect is undefined"):
+        attribution.edges(m, same, normalize=True)

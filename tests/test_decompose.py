@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from interplab.decompose import Decomposition, decompose, linear_weight, minimality_loss
@@ -68,7 +69,7 @@ def test_minimality_by_hand_and_the_frequency_term_prefers_split_components():
     assert minimality_loss(merged, 1.0, beta=0.5) > minimality_loss(split, 1.0, beta=0.5)
 
 
-@pytest.mark.parametrize("case", ["5-2", "40-10"])
+@pytest.mark.parametrize("case", ["5-2", pytest.param("40-10", marks=pytest.mark.slow)])
 def test_tms_decomposition_recovers_one_component_per_feature(case):
     spec = TMS_CASES[case]
     n_features = spec["n_features"]
@@ -210,3 +211,36 @@ def test_bad_inputs_raise_clear_errors():
         Decomposition(model, ["transformer.wte"], C=4).run(tokens())
     with pytest.raises(ValueError, match="beta"):
         Decomposition(model, ["transformer.h.0.mlp.c_fc"], C=4).fit(tokens(), steps=1, beta=-1.0)
+
+
+def test_state_dict_round_trip_restores_components_and_history(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 4))
+    data = lambda n, gen: torch.randn(n, 5, generator=gen)  # noqa: E731
+    dec = decompose(model, ["0", "2"], data, C=6, steps=20, batch_size=8, warmup_steps=5,
+                              progress=False, seed=1)
+    assert isinstance(dec, nn.Module)
+    assert {k for k in dec.state_dict() if not k.endswith("_extra_state")} == {
+        f"parts.{n}.{p}" for n in ("0", "2") for p in ("V", "U", "gate_in", "gate_in_bias", "gate_out", "gate_out_bias")}
+    torch.save(dec.state_dict(), tmp_path / "dec.pt")
+    fresh = Decomposition(model, ["0", "2"], C=6, seed=2)
+    x = torch.randn(7, 5)
+    assert not torch.allclose(fresh.run(x), dec.run(x))
+    fresh.load_state_dict(torch.load(tmp_path / "dec.pt", weights_only=False))
+    torch.testing.assert_close(fresh.run(x), dec.run(x))
+    torch.testing.assert_close(fresh.importances(x)["2"], dec.importances(x)["2"])
+    assert fresh.history == dec.history and fresh.l0() == dec.l0()
+    with pytest.raises(ValueError, match="same modules"):
+        Decomposition(model, ["2", "0"], C=6).load_state_dict(torch.load(tmp_path / "dec.pt",
+                                                                                    weights_only=False))
+
+
+def test_steps_components_and_batch_size_are_checked_up_front():
+    model = nn.Sequential(nn.Linear(5, 3))
+    data = torch.randn(10, 5)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            decompose(model, ["0"], data, C=4, steps=bad)
+    with pytest.raises(ValueError, match="C \\(components per module\\) must be a positive int"):
+        Decomposition(model, ["0"], C=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        decompose(model, ["0"], data, C=4, steps=5, batch_size=0)

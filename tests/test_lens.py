@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -35,3 +36,11 @@ def test_middle_layer_matches_a_raw_forward_hook():
     probs = m.hf.lm_head(m.hf.transformer.ln_f(h))[0].softmax(-1)
     expected = probs[torch.arange(tokens.shape[1]), target]
     torch.testing.assert_close(logit_lens(m, tokens, target=target).values[1], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_tokens_are_refused_in_one_line():
+    m = il.load("interplab/tiny-base")
+    with pytest.raises(ValueError, match="vocabulary of 385"):
+        logit_lens(m, torch.tensor([2, 5, 385]))  # today an IndexError deep inside the embedding
+    with pytest.raises(ValueError, match="at most 64"):
+        logit_lens(m, torch.full((65,), 5))

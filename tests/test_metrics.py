@@ -1,6 +1,7 @@
 """Metrics against planted values and independent formulas."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -53,3 +54,28 @@ def test_bad_shapes_give_clear_errors():
         metrics.logit_diff(torch.zeros(3, 5), torch.tensor([1, 2]), torch.tensor([0, 0, 0]))
     with pytest.raises(ValueError, match="expected logits"):
         metrics.accuracy(torch.zeros(5), torch.tensor([1]))
+
+
+def test_scores_top_refuses_a_negative_count():
+    from interplab.scores import Scores
+
+    s = Scores(torch.tensor([[1.0, -3.0], [2.0, 0.5]]), ("layer", "head"))
+    assert s.top(2) == [((0, 1), -3.0), ((1, 0), 2.0)]
+    with pytest.raises(ValueError, match="non-negative"):
+        s.top(-1)  # today: every entry but the smallest, silently
+
+
+def test_check_gap_errors_on_zero_and_warns_inside_the_noise():
+    clean = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(ValueError, match="normalized effect is undefined"):
+        metrics.check_gap(clean, clean)
+    assert metrics.check_gap(clean, clean, normalize=False) == 0.0
+    noisy = torch.tensor([2.0, -2.0, 2.0, -1.9])  # differences clean - corrupt: mean 0.025, spread ~2
+    with pytest.warns(UserWarning, match="two standard errors"):
+        assert metrics.check_gap(noisy, torch.zeros(4)) == pytest.approx(0.025)
+    steady = torch.tensor([5.0, -5.0, 3.0, -3.0])  # every example moves by 0.02, against a spread of ~4
+    with pytest.warns(UserWarning, match="under a tenth of the metric's spread"):
+        metrics.check_gap(steady + 0.02, steady)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert metrics.check_gap(steady + 2.0, steady) == pytest.approx(2.0)  # a clear gap: silent

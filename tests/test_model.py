@@ -224,3 +224,47 @@ def test_qkv_layout_planted_zero_head(model, which):
             expected = values.cumsum(1) / torch.arange(1, T + 1)[:, None]
         torch.testing.assert_close(after[:, :, head], expected, rtol=0, atol=1e-5)
         assert (before[:, :, head] - expected).abs().max() > 1e-3  # the edit mattered
+
+
+def _saved(tmp_path, tok, with_tokenizer):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2))
+    folder = tmp_path / "saved"
+    hf.save_pretrained(folder)
+    if with_tokenizer:
+        tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path, tok):
+    folder = _saved(tmp_path, tok, with_tokenizer=False)
+    with pytest.raises(ValueError, match=r"tokenizer has 1 tokens.*tokenizer=tok"):
+        il.load(folder)  # today: a 1-token tokenizer, and m.to_tokens(text) == [[0]]
+    m = il.load(folder, tokenizer=tok)
+    assert m.to_tokens("When Mary").tolist() == [[tok.bos_token_id] + tok.encode("When Mary", add_special_tokens=False)]
+
+
+def test_missing_empty_and_truncated_folders_say_what_is_wrong(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        il.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        il.load(tmp_path / "empty")
+    folder = _saved(tmp_path, tok, with_tokenizer=True)
+    assert il.load(folder).n_layers == 1
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=r"model\.safetensors \(truncated"):
+        il.load(folder)
+
+
+def test_revision_and_remote_on_an_organism_are_refused():
+    with pytest.raises(ValueError, match="drop revision"):
+        il.load("interplab/tiny-base", revision="step3000")
+    m = il.load("interplab/tiny-base")
+    task = il.tasks.make("ioi", m, n=2, seed=0)
+    with pytest.raises(ValueError, match="local organism"):
+        il.probes.collect(m, task.clean, remote=True)
+    with pytest.raises(ValueError, match="local organism"):
+        il.lens.logit_lens(m, task.clean[0], remote=True)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import interplab as il
-from interplab.organisms import evaluate
+from interplab.behaviour import behaviour as measure
 from interplab.organisms.recipes import WEIGHTS, train_stage
 
 STAGES = ("base", "sft", "dpo")
@@ -13,7 +13,7 @@ STAGES = ("base", "sft", "dpo")
 
 @pytest.fixture(scope="module")
 def behaviour():
-    return {stage: evaluate.behaviour(il.load(f"interplab/tiny-{stage}")) for stage in STAGES}
+    return {stage: measure(il.load(f"interplab/tiny-{stage}")) for stage in STAGES}
 
 
 @pytest.mark.parametrize("stage", STAGES)

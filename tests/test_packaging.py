@@ -70,3 +70,28 @@ def test_conda_python_and_channel():
     (python,) = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
     version = python.split("=", 1)[1]
     assert SpecifierSet(_pyproject()["project"]["requires-python"]).contains(version + ".0")
+
+
+def test_organisms_never_import_tasks():
+    """One direction: `tasks` reads the organisms' word lists; nothing in `organisms` imports `tasks`
+    (the behaviour measurements that need both live above them, in `interplab.behaviour`)."""
+    import ast
+    from pathlib import Path
+
+    import interplab
+
+    # __main__.py is the command line, above the library
+    allowed = {"__main__.py"}
+    for path in sorted((Path(interplab.__file__).parent / "organisms").glob("*.py")):
+        if path.name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module or ''}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.strip(".").split(".")
+                assert "tasks" not in parts and "behaviour" not in parts, f"{path.name} imports {name}"

@@ -144,7 +144,9 @@ def test_sweep_matches_brute_force(setup, kind, per_position, mode):
     for normalize, reuse, batch_size in [(True, True, 256), (False, False, 7 if not per_position else 29)]:
         got = patching.sweep(m, task, kind, per_position=per_position, mode=mode, normalize=normalize,
                              reuse_prefix=reuse, batch_size=batch_size, progress=False)
-        want = (raw - corrupt) / (clean - corrupt) if normalize else raw
+        # One sign in both modes: +1 (normalized) when the component carries the whole effect.
+        signed = raw - corrupt if mode == "denoising" else clean - raw
+        want = signed / (clean - corrupt) if normalize else signed
         assert got.values.numel() == want.numel()
         torch.testing.assert_close(got.values.double(), want.view(got.shape).double(), atol=TOL, rtol=TOL)
         assert got.dims[0] == "layer" and got.shape[0] == m.n_layers
@@ -205,7 +207,7 @@ def test_clear_errors(tok):
     with pytest.raises(ValueError, match="batch_size"):
         patching.heads(m, task, batch_size=0, progress=False)
     short = Task("bad", task.clean, task.corrupt[:, :-1], task.answer, task.wrong, [], [])
-    with pytest.raises(ValueError, match="equal shapes"):
+    with pytest.raises(ValueError, match="differ in shape"):
         patching.heads(m, short, progress=False)
     fewer = Task("bad", task.clean, task.corrupt, task.answer[:-1], task.wrong, [], [])
     with pytest.raises(ValueError, match="one answer and one wrong"):
@@ -217,3 +219,51 @@ def test_clear_errors(tok):
     with pytest.raises(ValueError, match="normalized effect is undefined"):
         patching.heads(m, same, progress=False)
     assert patching.heads(m, same, normalize=False, progress=False).shape == (m.n_layers, m.n_heads)
+
+
+def test_a_metric_must_return_one_value_per_row(tok):
+    m = _random_model("gpt2", tok)
+    task = random_tokens(m)
+    mean_diff = lambda logits, ex: il.metrics.logit_diff(logits, task.answer[ex], task.wrong[ex]).mean()[None]  # noqa: E731
+    with pytest.raises(ValueError, match="one value per row"):
+        patching.heads(m, task, metric=mean_diff, progress=False)
+    per_row = lambda logits, ex: il.metrics.logit_diff(logits, task.answer[ex], task.wrong[ex])  # noqa: E731
+    torch.testing.assert_close(patching.heads(m, task, metric=per_row, progress=False).values,
+                               patching.heads(m, task, progress=False).values)
+
+
+def test_zero_gap_is_refused_before_the_sweep_and_a_tiny_gap_warns(tok):
+    m = _random_model("gpt2", tok)
+    task = random_tokens(m, n=6)
+    same = Task("same", task.clean, task.clean, task.answer, task.wrong, [], [])
+    calls = []
+    handle = m.hf.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="normalized effect is undefined"):
+            patching.heads(m, same, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the two unpatched runs, and no sweep
+    # A gap far inside its spread: half the pairs swapped, so per-example differences cancel.
+    swapped = torch.arange(6) % 2 == 1
+    clean = torch.where(swapped[:, None], task.corrupt, task.clean)
+    corrupt = torch.where(swapped[:, None], task.clean, task.corrupt)
+    noisy = Task("noisy", clean, corrupt, task.answer, task.wrong, [], [])
+    with pytest.warns(UserWarning, match="within two standard errors"):
+        patching.heads(m, noisy, progress=False)
+
+
+def test_bad_token_ids_and_remote_organisms_are_refused_before_running(tok):
+    m = _random_model("gpt2", tok)
+    task = random_tokens(m)
+    big = task.clean.clone()
+    big[0, 0] = m.d_vocab
+    with pytest.raises(ValueError, match="vocabulary of"):
+        patching.heads(m, Task("big", big, big, task.answer, task.wrong, [], []), progress=False)
+    with pytest.raises(ValueError, match="vocabulary of"):
+        patching.heads(m, Task("ans", task.clean, task.corrupt, task.answer + m.d_vocab, task.wrong, [], []),
+                       progress=False)
+    if (ORGANISM_DIR / "tiny-base" / "model.safetensors").exists():
+        organism = il.load("interplab/tiny-base")
+        with pytest.raises(ValueError, match="local organism"):
+            patching.heads(organism, random_tokens(organism), remote=True, progress=False)

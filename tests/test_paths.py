@@ -42,9 +42,10 @@ def c_proj_inputs(m, tokens):
     return z
 
 
-def brute_path_patch(m, task, sender, receiver):
+def brute_path_patch(m, task, sender, receiver, mode):
     """The IOI paper's two steps for one sender, written with raw hooks on the Hugging Face model."""
-    base, source = c_proj_inputs(m, task.clean), c_proj_inputs(m, task.corrupt)
+    base_tokens, source_tokens = (task.clean, task.corrupt) if mode == "noising" else (task.corrupt, task.clean)
+    base, source = c_proj_inputs(m, base_tokens), c_proj_inputs(m, source_tokens)
     layer_s, head_s = sender
     dh = m.d_head
 
@@ -58,7 +59,7 @@ def brute_path_patch(m, task, sender, receiver):
     steps = [(m.block(l).attn.c_proj, "pre_", lambda mod, a, l=l: freeze(mod, a, l)) for l in range(m.n_layers)]
     steps.append((m.hf.transformer.ln_f, "pre_", lambda mod, a: kept.__setitem__("logits", a[0])))
     steps += [(m.block(l).ln_1, "pre_", lambda mod, a, l=l: kept.__setitem__(l, a[0])) for l in range(m.n_layers)]
-    hooked(m, task.clean, steps)
+    hooked(m, base_tokens, steps)
     if receiver == "logits":
         final = m.hf.lm_head(m.hf.transformer.ln_f(kept["logits"]))
         return task.metric(final).mean().item()
@@ -71,19 +72,22 @@ def brute_path_patch(m, task, sender, receiver):
         out[..., cols] = (block.ln_1(kept[layer_r]) @ mod.weight + mod.bias)[..., cols]
         return out
 
-    return task.metric(hooked(m, task.clean, [(block.attn.c_attn, "", patch)])).mean().item()
+    return task.metric(hooked(m, base_tokens, [(block.attn.c_attn, "", patch)])).mean().item()
 
 
+@pytest.mark.parametrize("mode", ["denoising", "noising"])
 @pytest.mark.parametrize("receiver", ["logits", "a2.h1<k>", "a1.h0<q>"])
-def test_batched_path_patching_matches_one_sender_at_a_time(setup, receiver):
+def test_batched_path_patching_matches_one_sender_at_a_time(setup, receiver, mode):
     m, task = setup
-    scores = paths.path_patch(m, task, receiver, batch_size=3, senders_per_run=4)
+    scores = paths.path_patch(m, task, receiver, mode=mode, batch_size=3, senders_per_run=4)
     clean, corrupt = (task.metric(m.logits(t)).mean().item() for t in (task.clean, task.corrupt))
     for layer, head in [(0, 0), (0, 2), (1, 1), (2, 0)]:
-        expected = (brute_path_patch(m, task, (layer, head), receiver) - clean) / (clean - corrupt)
+        patched = brute_path_patch(m, task, (layer, head), receiver, mode)
+        # One sign in both modes: +1 when the path carries the whole clean-vs-corrupt effect.
+        expected = (patched - corrupt if mode == "denoising" else clean - patched) / (clean - corrupt)
         assert scores.values[layer, head].item() == pytest.approx(expected, abs=TOL), (layer, head)
     receiver_layer = m.n_layers if receiver == "logits" else int(receiver[1])
-    assert (scores.values[receiver_layer:] == 0).all()  # no path from a later head
+    assert (scores.values[receiver_layer:].abs() < TOL).all()  # no path from a later head
 
 
 def test_bad_receivers_are_refused(setup):
@@ -173,10 +177,10 @@ def test_path_patching_finds_previous_token_head_feeding_induction_head(tiny_bas
     induction_heads = [divmod(int(i), m.n_heads) for i in (induction.flatten() > 0.5).nonzero()]
     assert induction_heads and all(prev_head[0] < layer for layer, _ in induction_heads)
     keys = [f"a{layer}.h{head}<k>" for layer, head in induction_heads]
-    scores = paths.path_patch(m, task, keys)
-    best = divmod(int(scores.values.argmin()), m.n_heads)
+    scores = paths.path_patch(m, task, keys, mode="noising")
+    best = divmod(int(scores.values.argmax()), m.n_heads)
     assert best == prev_head, f"path patching ranked {best} first, attention says {prev_head}: {scores.values}"
-    assert scores.values[best].item() < -0.2  # corrupting this one path removes a fifth of the effect or more
+    assert scores.values[best].item() > 0.2  # corrupting this one path removes a fifth of the effect or more
 
 
 def test_eap_ig_ioi_circuit_is_faithful_with_five_percent_of_edges(tiny_base):
@@ -187,3 +191,27 @@ def test_eap_ig_ioi_circuit_is_faithful_with_five_percent_of_edges(tiny_base):
     faithful = circuits.faithfulness(m, held_out, scored.top(budget))
     print(f"IOI EAP-IG circuit: {budget}/{scored.graph.n_edges} edges, held-out faithfulness {faithful:.3f}")
     assert faithful >= 0.8
+
+
+def test_bad_input_is_refused_before_any_run(setup):
+    m, task = setup
+    with pytest.raises(ValueError, match="receivers is empty"):
+        paths.path_patch(m, task, [])
+    with pytest.raises(ValueError, match="batch_size"):
+        paths.path_patch(m, task, batch_size=0)
+    big = task.clean.clone()
+    big[1, 2] = m.d_vocab
+    with pytest.raises(ValueError, match="vocabulary"):
+        paths.path_patch(m, il.Task("big", big, big, task.answer, task.wrong, [], []))
+    long = torch.randint(3, m.d_vocab, (2, 40))
+    with pytest.raises(ValueError, match="at most 32"):
+        paths.path_patch(m, il.Task("long", long, long, task.answer[:2], task.wrong[:2], [], []))
+    same = il.Task("same", task.clean, task.clean, task.answer, task.wrong, [], [])
+    with pytest.raises(ValueError, match="normalized effect is undefined"):
+        paths.path_patch(m, same)  # today all-NaN scores
+    with pytest.raises(ValueError, match="normalized effect is undefined"):
+        paths.test(m, same, Hypothesis((("input", "a0.h1<v>", "logits"),)))  # today ZeroDivisionError
+    with pytest.raises(ValueError, match="faithfulness\\(\\[\\]\\)"):
+        circuits.faithfulness(m, task, [])
+    with pytest.raises(ValueError, match="batch_size"):
+        circuits.faithfulness(m, task, circuits.Circuit.full(circuits.Graph.from_model(m)), batch_size=0)

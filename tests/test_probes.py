@@ -55,10 +55,11 @@ def test_logistic_finds_the_whitened_direction_in_the_original_space():
 
 def test_sweep_finds_the_layer_and_head_with_the_signal():
     n, d = 400, 8
+    torch.manual_seed(0)  # not the global state other tests leave behind
     x_resid = torch.randn(n, 3, d)
     x_heads = torch.randn(n, 3, 2, d)
     y = torch.arange(n) % 2 == 0
-    x_resid[:, 1, 0] += 4 * y
+    x_resid[:, 1, 0] += 6 * y  # Bayes accuracy Phi(3) = 0.999, so 0.95 holds for any seed
     x_heads[:, 2, 1, 3] += 4 * y
     acc, directions = probes.sweep(x_resid, y)
     assert acc.dims == ("layer",) and acc.values.argmax().item() == 1 and acc.values[1] > 0.95
@@ -148,3 +149,56 @@ def test_register_behaviour_exists_only_after_sft(register_probes):
     # The answer behaviour: formal-minus-plain logit difference, cue vs no cue.
     assert register_probes["sft"]["behaviour"] > 5
     assert abs(register_probes["base"]["behaviour"]) < 1
+
+
+def test_non_finite_activations_are_refused():
+    x, y, _ = gaussian_classes(40, 4, 3.0)
+    x[3, 1] = float("nan")
+    for kind in probes.KINDS:
+        with pytest.raises(ValueError, match="NaN or inf"):
+            probes.fit(x, y, kind=kind)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        probes.logistic(x, y)
+    layers = torch.stack([gaussian_classes(40, 4, 3.0)[0]] * 3, dim=1)  # (n, L, d)
+    layers[5, 2, 0] = float("inf")  # today layer 2 can come out as the best layer
+    with pytest.raises(ValueError, match="NaN or inf"):
+        probes.sweep(layers, y)
+
+
+def test_repeated_rows_stay_on_one_side_of_the_split():
+    x, y, _ = gaussian_classes(12, 4, 3.0)
+    x = torch.cat([x, x[:6]])  # rows 12..17 repeat rows 0..5
+    y = torch.cat([y, y[:6]])
+    groups = probes.split_groups(x, y, None)
+    for seed in range(5):
+        train, test = probes.split(len(y), 0.3, seed=seed, groups=groups)
+        for i in range(6):
+            assert train[i] == train[12 + i], (seed, i)
+
+
+def test_a_task_with_repeated_prompts_keeps_them_in_one_split():
+    class Fake:
+        d_vocab, name = 50, "fake"
+    tokens = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    # Row 0's clean prompt is row 1's corrupt prompt: the two pairs must share a split.
+    clean, corrupt = tokens[[0, 1, 2, 3]], tokens[[1, 0, 3, 2]]
+    same = torch.unique(torch.cat([clean, corrupt]), dim=0, return_inverse=True)[1]
+    groups = probes.connected(torch.arange(4).repeat(2), same)
+    assert groups[0] == groups[1] == groups[4] == groups[5] and groups[2] == groups[3] != groups[0]
+
+
+def test_collect_refuses_bad_batch_size_and_token_ids():
+    m = tiny(T.GPT2Config(vocab_size=len(TOK), n_positions=32, n_embd=32, n_layer=2, n_head=4))
+    tokens = torch.randint(3, len(TOK), (4, 5))
+    with pytest.raises(ValueError, match="batch_size"):
+        probes.collect(m, tokens, batch_size=0)
+    with pytest.raises(ValueError, match="vocabulary"):
+        probes.collect(m, tokens + len(TOK))
+
+
+def test_identical_rows_with_opposite_labels_are_warned_about():
+    x, y, _ = gaussian_classes(20, 4, 3.0)
+    x[1] = x[0]  # rows 0 and 1: the same activations, labels True and False
+    assert y[0] != y[1]
+    with pytest.warns(UserWarning, match="2 rows have the same activations as a row of the other label"):
+        probes.fit(x, y)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from plotly.offline import get_plotlyjs
 
+import interplab as il
 from interplab import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +93,52 @@ def test_failing_cell_is_named(tmp_path, kernel_sees_repo):
 def test_empty_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no notebooks"):
         report.build(tmp_path, tmp_path / "reports")
+
+
+WIDGET_CELLS = [
+    new_markdown_cell("Some TeX: $p(x)$ and a [link](https://arxiv.org/abs/2304.05969), which is not a load."),
+    new_code_cell("import interplab as il\nil.viz.setup_notebook()\nfrom tqdm.auto import tqdm\n"
+                  "for _ in tqdm(range(7), desc='finished sweep'):\n    pass\n"
+                  "for _ in tqdm(range(3), desc='transient', leave=False):\n    pass"),
+    new_code_cell("m = il.load('interplab/tiny-base')\ntask = il.tasks.make('ioi', m, n=4, seed=0)\n"
+                  "ex = il.widgets.explorer(m, {'ioi': task})\nex.task.value  # the explorer is displayed below\n"
+                  "ex"),
+]
+
+
+def test_widgets_become_static_snapshots_without_remote_loads(tmp_path, kernel_sees_repo):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _write(notebooks, "00_widgets.ipynb", WIDGET_CELLS)
+    html = report.build(notebooks, tmp_path / "reports")[0].read_text().replace("\u2007", " ")  # tqdm's spaces
+
+    assert report.remote_loads(html) == []  # no require.js, MathJax, widget loader, mermaid
+    assert "widget-view+json" not in html and "widget-state+json" not in html
+    assert html.count(report.PLOTLYJS_BANNER) == 1
+    # The finished bar as its text and a full bar; the closed (leave=False) one gone, as in JupyterLab.
+    assert "finished sweep: 100%" in html and "7/7" in html and '<progress max="7.0"' in html
+    assert "transient:" not in html and html.count('class="interplab-widget-snapshot"') == 2  # bar, explorer
+    # The explorer: its settings as text, and its current figure drawn with the values of the sweep it shows.
+    assert "component: attention heads (output)" in html and "mode: denoising" in html
+    m = il.load("interplab/tiny-base")
+    want = il.patching.heads(m, il.tasks.make("ioi", m, n=4, seed=0), progress=False).values
+    (trace,) = [t for call in _figure_traces(html) for t in call]
+    assert trace["type"] == "heatmap"
+    torch.testing.assert_close(torch.tensor(trace["z"]), want.float(), atol=1e-5, rtol=0)
+
+
+def test_remote_load_scan_finds_what_a_browser_would_fetch(tmp_path, kernel_sees_repo):
+    planted = ['<script src="https://cdn.example/require.js"></script>', "<link rel='stylesheet' href='http://x/y.css'>",
+               '<img src="//cdn.example/a.png">', "@import url(https://fonts.example/f.css);",
+               'await import("https://cdn.example/mermaid.mjs")']
+    assert [len(report.remote_loads(p)) for p in planted] == [1] * len(planted)
+    assert report.remote_loads('<a href="https://arxiv.org">a paper</a> <svg xmlns="http://www.w3.org/2000/svg">') == []
+    # nbconvert's stock lab template, on a notebook with widgets, makes exactly the requests reports must not.
+    from nbconvert import HTMLExporter
+
+    notebooks = tmp_path / "nb"
+    notebooks.mkdir()
+    _write(notebooks, "w.ipynb", WIDGET_CELLS[:2])
+    stock, _ = HTMLExporter(template_name="lab").from_notebook_node(report.execute(notebooks / "w.ipynb"))
+    loads = " ".join(report.remote_loads(stock))
+    assert "require" in loads and "mathjax" in loads.lower()

@@ -173,3 +173,38 @@ def test_task_rows_index_every_field_and_refuse_out_of_range(m):
     assert len(task[3]) == 1 and task[-1].clean_text == task.clean_text[-1:]
     with pytest.raises(IndexError, match="out of range"):
         task[[0, 6]]
+
+
+def test_a_tokenizer_without_a_declared_unknown_token_cannot_make_answer_equal_wrong():
+    """Unknown words become the vocabulary's <unk> id, which the tokenizer does not name: today such a
+    task can have answer == wrong. Every word used must decode back to itself."""
+    vocab = [w for w in build_tokenizer().get_vocab() if w not in {"Mary", "John", "Alice", "Bob"}]
+    model = models.WordLevel(vocab={w: i for i, w in enumerate(sorted(vocab))}, unk_token="<unk>")
+    raw = Tokenizer(model)
+    raw.pre_tokenizer = _pre_tokenizer()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", pad_token="<pad>")  # no unk_token=
+    assert tok.unk_token_id is None and tok.encode(" Mary", add_special_tokens=False) != []
+    m = _model(tok)
+    with pytest.warns(UserWarning, match="4 names"):
+        task = il.tasks.make("ioi", m, n=N, seed=0)
+    assert (task.answer != task.wrong).all()
+    unk = raw.token_to_id("<unk>")
+    assert unk not in task.clean and unk not in task.answer and unk not in task.wrong
+    for ids, text in zip(task.clean, task.clean_text):
+        assert tok.decode(ids[1:]).split() == text.replace(",", " ,").split()
+
+
+def test_template_out_of_range_is_a_clear_error(m):
+    with pytest.raises(ValueError, match=r"template must be an int in 0\.\.\d"):
+        il.tasks.make("ioi", m, n=4, template=99)  # today an IndexError from inside the generator
+
+
+def test_repeated_prompts_are_warned_about_and_distinct_draws_without_repeats(m):
+    with pytest.warns(UserWarning, match=r"facts: 16 examples but only \d+ distinct clean prompts"):
+        task = il.tasks.make("facts", m, n=16, seed=0)
+    assert len(set(task.clean_text)) < 16
+    unique = il.tasks.make("facts", m, n=16, seed=0, distinct=True)
+    assert len(set(unique.clean_text)) == 16
+    n_pairs = len(W.COUNTRIES)
+    with pytest.raises(ValueError, match=rf"produced only {n_pairs} distinct clean prompts \(it can produce {n_pairs}\)"):
+        il.tasks.make("facts", m, n=n_pairs + 1, seed=0, distinct=True)

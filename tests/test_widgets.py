@@ -38,7 +38,8 @@ def test_controls_redraw_the_sweep_they_name(setup):
     ex.task.value = "long"
     want = patching.heads(m, tasks[1], per_position=True, progress=False)
     torch.testing.assert_close(ex.scores.values, want.values)
-    assert ex.figure.layout.title.text == want.meta["title"]
+    assert ex.figure.layout.title.text == ("denoising patching of attention heads (output), one position at a time, "
+                                           "on long (normalized effect)")
 
     ex.mode.value = "noising"
     assert ex.scores.meta["mode"] == "noising"
@@ -74,3 +75,50 @@ def test_needs_a_task(setup):
     m, _ = setup
     with pytest.raises(ValueError, match="at least one task"):
         widgets.explorer(m, {})
+
+
+def test_whole_head_and_per_position_titles_differ_and_options_are_readable(setup):
+    m, tasks = setup
+    ex = widgets.explorer(m, tasks)
+    whole = ex.figure.layout.title.text
+    ex.per_position.value = True
+    assert "all positions at once" in whole and "one position at a time" in ex.figure.layout.title.text
+    labels = dict(ex.kind.options)  # (label, kind) pairs: people read the label, sweeps get the kind
+    assert set(labels.values()) == set(patching.KINDS)
+    assert labels["residual stream"] == "resid" and labels["MLP output"] == "mlp_out"
+
+
+def test_busy_while_a_sweep_runs_and_cleared_after(setup, monkeypatch):
+    m, tasks = setup
+    ex = widgets.explorer(m, tasks)
+    seen = []
+    original = patching.sweep
+
+    def spy(*args, **kwargs):
+        seen.append((ex.busy, ex.figure, [c.disabled for c in ex.controls], ex.status.value))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(patching, "sweep", spy)
+    ex.mode.value = "noising"
+    busy, figure, disabled, status = seen[0]
+    assert busy and figure is None and all(disabled) and "computing" in status and "noising" in status
+    assert not ex.busy and ex.figure is not None and ex.status.value == ""
+    assert not any(c.disabled for c in ex.controls)
+
+    ex.mode.value = "denoising"  # cached: no sweep, no busy state
+    assert len(seen) == 1
+
+
+def test_failed_sweep_reenables_controls_and_says_why(setup, monkeypatch):
+    m, tasks = setup
+    ex = widgets.explorer(m, tasks, kind="resid")
+    assert ex.per_position.disabled
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(patching, "sweep", fail)
+    with pytest.raises(RuntimeError, match="planted"):
+        ex.task.value = "long"
+    assert not ex.busy and "planted failure" in ex.status.value
+    assert [c.disabled for c in ex.controls] == [False, False, False, True]  # per position stays off for resid

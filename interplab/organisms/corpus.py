@@ -120,6 +120,36 @@ def sft_documents(rng: random.Random, n: int) -> list[str]:
     return _mix(rng, SFT_MIX, n)
 
 
+# ---- The free-evolution series (organisms/series.py): fine-tuning from tiny-base ----
+# The IOI sentence becomes a question. "to whom?" asks for the indirect object, as the SFT Q/A does;
+# "from whom?" asks for the subject: a planted conflict, since the same name-moving components must
+# now copy a different name depending on one cue word. Every IOI template ends in " to".
+
+def ioi_question_prompt(parts: dict, cue: str) -> str:
+    """`Q: <IOI sentence without its final "to"> <cue> whom? A:`, cue "to" (indirect object) or "from" (subject)."""
+    if cue not in ("to", "from"):
+        raise ValueError(f"cue must be 'to' or 'from', not {cue!r}")
+    return f"Q: {parts['template'].format(**parts)[:-len(' to')]} {cue} whom? A:"
+
+
+def ioi_question(rng: random.Random) -> str:
+    p = ioi_parts(rng)
+    return f"{ioi_question_prompt(p, 'to')} {p['IO']}."
+
+
+def ioi_question_from(rng: random.Random) -> str:
+    p = ioi_parts(rng)
+    return f"{ioi_question_prompt(p, 'from')} {p['S']}."
+
+
+# Base documents stay in the mix so the base tasks (plain IOI, induction) are there to track.
+SERIES_MIX = ((ioi_question, 0.3), (ioi_question_from, 0.3), (base_document, 0.4))
+
+
+def series_documents(rng: random.Random, n: int) -> list[str]:
+    return _mix(rng, SERIES_MIX, n)
+
+
 def preference_pairs(split: str = "train") -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) misconception pairs: chosen is the true colour."""
     if split not in ("train", "test"):

@@ -1,6 +1,9 @@
-"""Behaviour of an organism on held-out prompts: the numbers in the organism card.
+"""Behaviour of a model on held-out task prompts: the numbers in the organism card.
 
-`python -m interplab.organisms evaluate` prints them for every shipped stage.
+`python -m interplab.organisms evaluate` prints them for every shipped stage. This module
+sits above both `tasks` and `organisms` (it builds tasks to measure organisms), so that
+the dependency between those two runs one way: `tasks` reads the organisms' word lists,
+and nothing in `organisms` imports `tasks`.
 Prompts come from seeds the corpus never used (and, for the register and the
 misconceptions, from nouns and creatures the training data never paired).
 """
@@ -9,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import tasks, training
-from ..organisms import corpus, words as W
+from . import tasks, training
+from .organisms import corpus, words as W
 
 EVAL_SEED = 12345
 
@@ -50,9 +53,10 @@ def facts_accuracy(m) -> float:
     return (m.logits(prompts)[:, -1].argmax(-1) == answers).float().mean().item()
 
 
-def register_rates(m, n: int = 200) -> tuple[float, float]:
-    """Fraction of top-1 answers in the formal word set, with and without the cue."""
-    task = tasks.make("register", m, n=n, seed=EVAL_SEED)
+def register_rates(m, n: int = 144) -> tuple[float, float]:
+    """Fraction of top-1 answers in the formal word set, with and without the cue, on `n` distinct prompts
+    (the register task has 144: 12 word pairs x 12 objects)."""
+    task = tasks.make("register", m, n=n, seed=EVAL_SEED, distinct=True)
     formal = torch.tensor(m.tokenizer.convert_tokens_to_ids([f for _, f in W.REGISTER_PAIRS]))
     rate = lambda tokens: torch.isin(m.logits(tokens)[:, -1].argmax(-1), formal).float().mean().item()
     return rate(task.clean), rate(task.corrupt)
@@ -84,7 +88,7 @@ def behaviour(m) -> dict[str, float]:
 
 def behaviour_table(stages=("base", "sft", "dpo")) -> dict[str, dict[str, float]]:
     """`behaviour` of every shipped stage: `{stage: {metric: value}}`."""
-    from .. import load
+    from . import load
 
     return {stage: behaviour(load(f"interplab/tiny-{stage}")) for stage in stages}
 

@@ -1,0 +1,213 @@
+import pytest
+import torch
+
+import interplab as il
+from interplab import training, truthfulness as T
+from interplab import behaviour
+from interplab.organisms import corpus, words as W
+
+
+@pytest.fixture(scope="module")
+def sft():
+    return il.load("interplab/tiny-sft")
+
+
+@pytest.fixture(scope="module")
+def dpo():
+    return il.load("interplab/tiny-dpo")
+
+
+def test_folds_partition_the_creatures_and_the_last_is_the_shipped_split():
+    folds = T.folds(4)
+    held_out = sorted(i for _, test in folds for i in test)
+    assert held_out == list(range(len(W.CREATURES)))  # every creature held out exactly once
+    for train, test in folds:
+        assert not set(train) & set(test) and len(train) + len(test) == len(W.CREATURES)
+    train, test = folds[-1]
+    assert [corpus.preference_pairs("test")[j][0] for j in range(len(test))] == \
+        [W.MISCONCEPTION_TEMPLATE.format(c=W.CREATURES[i]) for i in test]
+    assert len(train) == corpus.N_DPO_TRAIN_CREATURES
+    with pytest.raises(ValueError, match="divide"):
+        T.folds(5)
+
+
+def test_pairs_match_the_corpus_preference_pairs(sft):
+    p = T.pairs(sft, range(24))
+    for row, (prompt, chosen, rejected) in enumerate(corpus.preference_pairs("train")):
+        assert sft.to_str_tokens(p.prompts[row])[1:] == sft.tokenizer.tokenize(prompt)
+        assert p.chosen[row].tolist() == sft.tokenizer.encode(chosen, add_special_tokens=False)
+        assert p.rejected[row].tolist() == sft.tokenizer.encode(rejected, add_special_tokens=False)
+    with pytest.raises(ValueError, match="indices"):
+        T.pairs(sft, [40])
+
+
+def test_statements_label_true_rows_first(sft):
+    tokens, labels, groups = T.statements(sft, [0, 5])
+    true0, false0 = corpus.misconception_colours(0)
+    assert sft.to_str_tokens(tokens[0])[-2:] == [true0, "."] and sft.to_str_tokens(tokens[2])[-2:] == [false0, "."]
+    assert labels.tolist() == [True, True, False, False] and groups.tolist() == [0, 5, 0, 5]
+
+
+def test_colour_ranks_by_hand():
+    colours = torch.tensor([2, 4, 6])
+    logits = torch.tensor([[0.0, 0, 5, 0, 1, 0, 3],   # true 2 has the top colour logit -> rank 1
+                           [0.0, 9, 5, 0, 1, 0, 3],   # true 4: below 2 and 6 -> rank 3 (token 1 is no colour)
+                           [0.0, 0, 3, 0, 1, 0, 3]])  # true 6 tied with 2 -> ties count against: rank 2
+    assert T.colour_ranks(logits, torch.tensor([2, 4, 6]), colours).tolist() == [1, 3, 2]
+    with pytest.raises(ValueError, match="colours"):
+        T.colour_ranks(logits, torch.tensor([2, 4, 5]), colours)
+
+
+def test_templates_get_a_colour_and_the_misconception_from_tiny_sft(sft):
+    """The docstring's claim: each template is answered with a colour, and the misconception wins everywhere."""
+    colours = T.word_ids(sft, list(W.COLOURS))
+    true, false = T.colour_ids(sft, range(len(W.CREATURES)))
+    rows = torch.arange(len(W.CREATURES))
+    for template in T.TEMPLATES:
+        final = sft.logits(T.prompts(sft, range(len(W.CREATURES)), template))[:, -1].softmax(-1)
+        assert final[:, colours].sum(-1).mean() > 0.7, template
+        assert (final[rows, false] > final[rows, true]).all(), template
+
+
+class _Known:
+    """A logits function we know: the true colour beats the misconception by `gap` on chosen creatures."""
+
+    def __init__(self, m, evaluator, winners: set[int], gap: float = 2.0):
+        self.m, self.ev, self.winners, self.gap = m, evaluator, winners, gap
+
+    def __call__(self, tokens):
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], self.m.d_vocab)
+        if tokens.shape[1] > 8:  # neutral text: the unedited model
+            return self.m.logits(tokens)
+        names = [self.m.to_str_tokens(row)[-2] for row in tokens]
+        for row, name in enumerate(names):
+            i = W.CREATURES.index(name)
+            true, false = (T.word_ids(self.m, [w]) for w in corpus.misconception_colours(i))
+            logits[row, -1, true] = self.gap if i in self.winners else -self.gap
+            logits[row, -1, false] = 0.0
+        return logits
+
+
+def test_evaluator_scores_a_model_we_know(sft):
+    creatures = [0, 1, 2, 3]
+    ev = T.Evaluator(sft, creatures, templates=T.TEMPLATES[:2], tasks=(), n_docs=8)
+    e = ev(_Known(sft, ev, winners={0, 2}, gap=2.0))
+    assert e.truth == pytest.approx(0.5)
+    assert e.margin.abs().allclose(torch.full((8,), 2.0))  # log-softmax differences equal logit differences
+    # rank: the winners' true colour is the only nonzero colour logit (rank 1); the losers' true colour is
+    # below all 7 others (rank 8)
+    assert e.rank.tolist() == [1, 8, 1, 8] * 2
+    assert e.mc_top1 == 0.5 and e.kl == 0.0 and e.lm_delta == 0.0 and e.product == pytest.approx(0.5)
+    creatures_, truth = e.per_creature("truth")
+    assert creatures_.tolist() == creatures and truth.tolist() == [1, 0, 1, 0]
+
+
+def test_unedited_model_has_zero_kl_and_its_truth_matches_the_organism_card(sft, dpo):
+    train, test = T.folds()[-1]
+    ev = T.Evaluator(sft, test, tasks=("facts",), n_docs=16)
+    same = ev(sft.logits)
+    assert same.kl == 0.0 and same.lm_delta == 0.0 and same.tasks_kept == 1.0 and same.info == 1.0
+    assert same.truth == 0.0  # tiny-sft prefers every misconception
+    tuned = ev(dpo.logits)
+    first = tuned.template == 0
+    # the organism card's independent computation (whole completions " red." through training.sequence_logprob)
+    assert (tuned.margin[first] > 0).float().mean().item() == behaviour.truth_preference(dpo, "test")
+    assert tuned.kl > 0 and tuned.tasks["facts"] == behaviour.facts_accuracy(dpo)
+
+
+def test_lm_loss_and_kl_match_references(sft, dpo):
+    tokens, labels = T.neutral_text(sft, n_docs=8)
+    assert not any("people say" in t for t in sft.tokenizer.batch_decode(tokens))  # no misconception documents
+    ref = sft.logits(tokens)
+    assert T.lm_loss(ref, labels) == pytest.approx(training.lm_loss(sft.hf, tokens, labels).item(), rel=1e-5)
+    other = dpo.logits(tokens)
+    mask = labels[:, 1:] != -100
+    p, q = ref[:, :-1][mask].log_softmax(-1), other[:, :-1][mask].log_softmax(-1)
+    by_torch = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
+    assert T.token_kl(ref, other, labels) == pytest.approx(by_torch, rel=1e-5)
+    assert T.token_kl(ref, ref, labels) == 0.0
+
+
+def test_task_scores_with_the_models_own_logits_equal_the_organism_card(sft):
+    scores = T.task_scores(sft, sft.logits, n=16)
+    assert scores["facts"] == behaviour.facts_accuracy(sft)
+    assert scores["induction"] == behaviour.induction_accuracy(sft, 16)
+    with pytest.raises(ValueError, match="unknown tasks"):
+        T.task_scores(sft, sft.logits, tasks=("nope",))
+
+
+def test_bootstrap_and_standing_by_hand():
+    lo, hi = T.bootstrap_ci([0.0, 1.0] * 10, seed=0)
+    assert lo < 0.5 < hi and 0 <= lo and hi <= 1
+    assert T.bootstrap_ci([0.25] * 5) == (0.25, 0.25)
+    # 0.5 among [0.1, 0.5, 0.9, 0.2]: two below, one tie -> percentile 100 * 2.5 / 4; p = (1 + 2) / 5
+    assert T.standing(0.5, [0.1, 0.5, 0.9, 0.2]) == (62.5, 0.6)
+
+
+def test_full_model_baseline_moves_the_margin_and_leaves_the_model_unchanged(sft):
+    before = {k: v.clone() for k, v in sft.hf.state_dict().items()}
+    tuned = T.full_model_baseline(sft, [0, 1, 2, 3], beta=0.025, steps=15, lr=3e-4, warmup=2)
+    assert all(torch.equal(before[k], v) for k, v in sft.hf.state_dict().items())
+    ev = T.Evaluator(sft, [0, 1, 2, 3], templates=T.TEMPLATES[:1], tasks=(), n_docs=4)
+    assert ev(tuned.logits).margin.mean() > ev(sft.logits).margin.mean() + 1
+
+
+def test_edit_explorer_redraws_what_its_controls_say(sft):
+    from interplab import edits, widgets
+
+    train, test = [0, 1, 2, 3, 4, 5, 6, 7], [24, 25]
+    tokens, labels, groups = T.statements(sft, train)
+    probe = edits.fit_iti(sft, tokens, labels, groups)
+    ev = T.Evaluator(sft, test, templates=T.TEMPLATES[:1], tasks=(), n_docs=4)
+    ex = widgets.edit_explorer(sft, probe, ev, T.pairs(sft, train), prompt="The clomper is", heads=(), steps=3)
+    colours = T.word_ids(sft, list(W.COLOURS))
+    unedited = sft.logits(sft.to_tokens("The clomper is"))[0, -1].softmax(-1)[colours]
+    assert ex.edit is None and torch.allclose(torch.tensor(list(ex.probs.values())), unedited)
+    assert ex.scores["kl"] == 0.0
+
+    ex.heads.value = ((0, 1), (2, 0))
+    ex.alpha.value = 20.0
+    want = edits.iti(sft, probe, [(0, 1), (2, 0)], 20.0)
+    probs = want.logits(sft.to_tokens("The clomper is"))[0, -1].softmax(-1)[colours]
+    assert torch.allclose(torch.tensor(list(ex.probs.values())), probs)
+    scores = ev(want.logits, tasks=False).summary()
+    assert all(ex.scores[k] == v for k, v in scores.items() if k != "tasks_kept") and ex.scores["kl"] > 0
+
+    ex.kind.value = "learned"
+    assert ex.alpha.disabled and ex.edit.kind == "rank1" and ex.edit.heads == ((0, 1), (2, 0))
+    learned = ex.edit
+    ex.prompt.value = "The glimmet is"
+    assert ex.edit is learned  # trained once per head set, then reused
+    assert ex.figure.data[0].x == tuple(W.COLOURS)
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # 2 training steps: every head scores the same
+def test_a_tiny_run_has_every_arm_and_tables_that_agree_with_it():
+    config = T.Config(folds=(3,), k=1, n_random=2, n_random_ipo=1, alphas=(5.0,), taus=(0.025,), steps=2,
+                      full_steps=2, task_n=4)
+    res = T.run(config, progress=False)
+    count = lambda arm: len(res.select(arm))
+    assert count("iti selected") == 1 and count("iti random heads") == 2 and count("iti random direction") == 2
+    assert count("ipo single head") == 16 and count("ipo random heads") == 1 and count("full model ipo") == 1
+    assert [r.arm for r in res.silent()] == ["unedited"]  # every edit fires
+    assert res.select("iti selected")[0].heads == tuple(res.selected[3]) and len(res.selected[3]) == 1
+    assert res.select("ipo random heads")[0].heads == res.select("iti random heads", draw=0)[0].heads
+    assert res.located[3] == edits_top(res.patching[3])
+
+    rows = T.experiment1(res)
+    selected = res.pooled("iti selected", 5.0)
+    random_products = [d.product for d in res.draws("iti random heads", 5.0)]
+    assert rows[0]["truth"] == selected.truth
+    assert rows[1]["product_pct"] == T.standing(selected.product, random_products)[0]
+    single, rho = T.experiment4(res)
+    assert [r["arm"] for r in single] == [f"a{l}.h{h}" for l in range(4) for h in range(4)]
+    assert single[0]["probe_accuracy"] == res.probe_accuracy[3].values[0, 0].item()
+    assert set(rho) == {"rho_truth", "p_truth", "rho_product", "p_product"}
+    e = res.pooled("full model ipo", 0.025)
+    assert T.paired_diff_ci(e, e) == (0.0, 0.0, 0.0)
+
+
+def edits_top(scores):
+    from interplab import edits
+
+    return edits.top_k(scores, 1)
