@@ -9,20 +9,28 @@ model (12 layers, 12 heads, d_model 768, vocab 50257, random short prompts):
 - lower bound:  the same number of rows in plain batched forwards, no hooks
                 (an unwrapped copy of the model, final-position logits only, like the sweep)
 - naive:        one forward per component with a raw PyTorch forward pre-hook
-- TransformerLens get_act_patch_attn_head_out_by_pos, if transformer-lens is installed
-                (same shape, its own random weights: a timing, not a check)
+- TransformerLens get_act_patch_attn_head_out_by_pos, if transformer-lens >= 4 is installed
+                (`pip install 'interplab[lens]'`): a `TransformerBridge` built from a copy of the
+                same Hugging Face module (same weights), in compatibility mode (HookedTransformer's
+                hook names and weight processing: LayerNorm folded, weights centred)
 
-The naive loop's values are compared to the sweep's, so a fast wrong sweep shows up here too.
+The naive loop's and TransformerLens's values are compared to the sweep's, so a fast wrong sweep
+(or a comparison on different weights) shows up here too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import io
 import time
 
 import torch
+import transformers
 
 import interplab as il
+from interplab.model import ORGANISM_DIR
 from setups import gpt2_small_shaped, tiny_base
 
 
@@ -74,22 +82,33 @@ def lower_bound(raw, task, n_rows: int, batch_size: int) -> None:
         raw(rows[start : start + batch_size], logits_to_keep=1)
 
 
-def transformer_lens_time(raw, task) -> str:
+@torch.no_grad()
+def transformer_lens_sweep(raw, task) -> tuple[float, torch.Tensor] | str:
+    """(seconds, normalized effect [layer, head, pos]) of TransformerLens's head x position patching through
+    its bridge over a copy of `raw` (the bridge rewires the module it wraps), or why it cannot run.
+
+    The bridge needs a tokenizer saved in a folder; it only ever sees token ids here, so the organisms'
+    tokenizer serves for both models."""
     try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
         from transformer_lens import patching as tl_patching
+        from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
-        return "not installed (pip install transformer-lens to compare)"
-    c = raw.config
-    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, d_head=c.n_embd // c.n_head,
-                                  d_mlp=4 * c.n_embd, n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn="gelu_new",
-                                  normalization_type="LN", seed=0)
-    model = HookedTransformer(cfg).eval()
-    with torch.no_grad():
-        _, cache = model.run_with_cache(task.clean)
-        seconds, _ = timed(lambda: tl_patching.get_act_patch_attn_head_out_by_pos(
-            model, task.corrupt, cache, lambda logits: mean_logit_diff(logits[:, -1], task)))
-    return f"{seconds:.2f} s"
+        return "not installed (pip install 'interplab[lens]', transformer-lens >= 4, to compare)"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ORGANISM_DIR / "tiny-base")
+    bridge = TransformerBridge.boot_transformers(raw.config.model_type, hf_model=copy.deepcopy(raw),
+                                                 tokenizer=tokenizer, device="cpu")
+    bridge.enable_compatibility_mode(disable_warnings=True)
+    rows = torch.arange(len(task))
+
+    def metric(logits):  # (B, T, V) -> mean logit difference at the final position
+        return (logits[rows, -1, task.answer] - logits[rows, -1, task.wrong]).mean()
+
+    _, cache = bridge.run_with_cache(task.clean)
+    clean, corrupt = metric(bridge(task.clean)).item(), metric(bridge(task.corrupt)).item()
+    with contextlib.redirect_stderr(io.StringIO()):  # its per-patch progress bar
+        seconds, patched = timed(lambda: tl_patching.get_act_patch_attn_head_out_by_pos(
+            bridge, task.corrupt, cache, metric))  # (L, T, H)
+    return seconds, ((patched - corrupt) / (clean - corrupt)).permute(0, 2, 1)
 
 
 def run(name, m, raw, task, batch_size: int) -> None:
@@ -104,14 +123,23 @@ def run(name, m, raw, task, batch_size: int) -> None:
     t_bound, _ = timed(lambda: lower_bound(raw, task, n_rows, batch_size))
     t_naive, naive = timed(lambda: naive_sweep(raw, m.spec, task, m.n_heads, m.d_head))
     error = (naive - scores.values.float()).abs().max().item()
+    lens = transformer_lens_sweep(raw, task)
     print(f"  lower bound (plain batched forwards) {t_bound:8.2f} s")
     print(f"  sweep, prefix reuse                  {t_reuse:8.2f} s   {t_reuse / t_bound:5.2f} x lower bound   "
           f"{t_naive / t_reuse:6.1f} x faster than naive")
     print(f"  sweep, no prefix reuse               {t_plain:8.2f} s   {t_plain / t_bound:5.2f} x lower bound   "
           f"{t_naive / t_plain:6.1f} x faster than naive")
     print(f"  naive loop (one hooked forward each) {t_naive:8.2f} s")
-    print(f"  TransformerLens                      {transformer_lens_time(raw, task)}")
+    if isinstance(lens, str):
+        print(f"  TransformerLens                      {lens}")
+    else:
+        t_lens, lens_values = lens
+        print(f"  TransformerLens (bridge, compat.)    {t_lens:8.2f} s   {t_lens / t_reuse:5.2f} x the sweep "
+              "with prefix reuse")
     print(f"  max |sweep - naive| normalized effect: {error:.1e}")
+    if not isinstance(lens, str):
+        print(f"  max |sweep - TransformerLens| normalized effect: "
+              f"{(lens_values - scores.values.float()).abs().max().item():.1e}")
 
 
 def main() -> None:

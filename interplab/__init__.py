@@ -4,6 +4,7 @@ from . import (
     attribution,
     circuits,
     decompose,
+    edit_experiments,
     edits,
     evolution,
     lens,
@@ -26,7 +27,7 @@ from .tasks import Task
 
 __all__ = [
     "ArchSpec", "Model", "Scores", "Task", "load",
-    "attribution", "circuits", "decompose", "edits", "evolution", "lens", "metrics", "patching", "paths", "probes",
+    "attribution", "circuits", "decompose", "edit_experiments", "edits", "evolution", "lens", "metrics", "patching", "paths", "probes",
     "tasks", "toy_models", "training", "truthfulness", "updates", "viz", "weights", "widgets",
 ]
 __version__ = "0.1.0"

@@ -56,8 +56,8 @@ def component_scores(m: Model, task: Task, locator: str | Callable = "patching",
     clean metric. With `position="all"` a patch covers every position (`patching.heads`,
     `patching.mlp_out(per_position=False)`); with `position="final"` only the final position (the same
     runs as `node_faithfulness` of one-component circuits with `final_only=True`).
-    "attribution": node attribution patching (`attribution.nodes`), `(a_corrupt - a_clean) . dm/da` summed
-    over positions (or at the final one), turned to the same convention by `-estimate / (m_clean - m_corrupt)`.
+    "attribution": node attribution patching (`attribution.nodes(normalize=True)`), the first-order estimate of
+    `(m_clean - m_corrupted) / (m_clean - m_corrupt)`, summed over positions (or at the final one).
     A callable `locator(m, task)` returning Scores with dims `("component",)` (e.g. a foresight locator)
     is used as it is. `options` go to the patching sweeps or to `attribution.nodes`.
     """
@@ -80,13 +80,9 @@ def component_scores(m: Model, task: Task, locator: str | Callable = "patching",
         heads = patching.heads(m, task, **options).values  # (L, H)
         mlps = patching.mlp_out(m, task, per_position=False, **options).values  # (L,)
     else:
-        nodes = attribution.nodes(m, task, per_position=True, **options)
+        nodes = attribution.nodes(m, task, per_position=True, normalize=True, **options)
         pick = (lambda v: v.sum(-1)) if position == "all" else (lambda v: v[..., -1])
-        gap = (task.metric(m.logits(task.clean)).mean() - task.metric(m.logits(task.corrupt)).mean()).item()
-        if abs(gap) < 1e-12:
-            raise ValueError(f"{task.name}: clean and corrupt prompts score the same, so attribution cannot be "
-                             "normalized; use a task the model distinguishes")
-        heads, mlps = -pick(nodes["heads"].values) / gap, -pick(nodes["mlp"].values) / gap
+        heads, mlps = pick(nodes["heads"].values), pick(nodes["mlp"].values)
     values = torch.cat([heads, mlps[:, None]], dim=1).reshape(L * (H + 1))  # per layer: heads, then MLP
     return _component_scores(values, names, meta)
 

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 import interplab as il
-from interplab import training, truthfulness as T
-from interplab import behaviour
+from interplab import behaviour, edit_experiments as X, training, truthfulness as T
 from interplab.organisms import corpus, words as W
 
 
@@ -183,9 +182,9 @@ def test_edit_explorer_redraws_what_its_controls_say(sft):
 
 @pytest.mark.filterwarnings("ignore:An input array is constant")  # 2 training steps: every head scores the same
 def test_a_tiny_run_has_every_arm_and_tables_that_agree_with_it():
-    config = T.Config(folds=(3,), k=1, n_random=2, n_random_ipo=1, alphas=(5.0,), taus=(0.025,), steps=2,
+    config = X.Config(folds=(3,), k=1, n_random=2, n_random_ipo=1, alphas=(5.0,), taus=(0.025,), steps=2,
                       full_steps=2, task_n=4)
-    res = T.run(config, progress=False)
+    res = X.run(config, progress=False)
     count = lambda arm: len(res.select(arm))
     assert count("iti selected") == 1 and count("iti random heads") == 2 and count("iti random direction") == 2
     assert count("ipo single head") == 16 and count("ipo random heads") == 1 and count("full model ipo") == 1
@@ -194,12 +193,12 @@ def test_a_tiny_run_has_every_arm_and_tables_that_agree_with_it():
     assert res.select("ipo random heads")[0].heads == res.select("iti random heads", draw=0)[0].heads
     assert res.located[3] == edits_top(res.patching[3])
 
-    rows = T.experiment1(res)
+    rows = X.experiment1(res)
     selected = res.pooled("iti selected", 5.0)
     random_products = [d.product for d in res.draws("iti random heads", 5.0)]
     assert rows[0]["truth"] == selected.truth
     assert rows[1]["product_pct"] == T.standing(selected.product, random_products)[0]
-    single, rho = T.experiment4(res)
+    single, rho = X.experiment4(res)
     assert [r["arm"] for r in single] == [f"a{l}.h{h}" for l in range(4) for h in range(4)]
     assert single[0]["probe_accuracy"] == res.probe_accuracy[3].values[0, 0].item()
     assert set(rho) == {"rho_truth", "p_truth", "rho_product", "p_product"}
