@@ -40,5 +40,5 @@ def logit_lens(m, tokens: torch.Tensor, target: torch.Tensor | None = None, remo
         values,
         dims=("layer", "pos"),
         labels={"layer": [str(i) for i in range(m.n_layers)], "pos": m.to_str_tokens(tokens[0])},
-        meta={"title": "logit lens: p(final prediction)", "top_tokens": top, "target": m.to_str_tokens(target)},
+        meta={"title": "logit lens: p(final prediction)", "scale": "probability", "top_tokens": top, "target": m.to_str_tokens(target)},
     )

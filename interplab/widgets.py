@@ -8,6 +8,7 @@ reuses a cached one) and redraws the heatmap below the controls.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from html import escape
 
 import ipywidgets as widgets
 from IPython.display import display
@@ -73,13 +74,13 @@ class PatchingExplorer:
         self.busy, self.figure = True, None
         for control in self.controls:
             control.disabled = True
-        self.status.value = f"<i>computing: {self.title(key)}…</i>"
+        self.status.value = f"<i>computing: {escape(self.title(key))}…</i>"
         self.output.clear_output()
         try:
             yield
             self.status.value = ""
         except Exception as error:
-            self.status.value = f"<b>failed</b>: {type(error).__name__}: {error}"
+            self.status.value = f"<b>failed</b>: {type(error).__name__}: {escape(str(error))}"
             raise
         finally:
             for control, on in zip(self.controls, enabled):
