@@ -193,15 +193,6 @@ def foresight_scores(m: Model, loss_fn: LossFn, batches: int = 4, kind: str = "g
     return Scores(values, ("component",), labels={"component": names}, meta={"locator": f"foresight:{kind}"})
 
 
-def top(scores: Scores, k: int) -> list[str]:
-    """The labels of the k components with the largest |score| (a `Scores` over dim "component")."""
-    if scores.dims != ("component",) or "component" not in scores.labels:
-        raise ValueError(f"expected Scores over ('component',) with labels, got dims {scores.dims}")
-    if not 1 <= k <= len(scores.values):
-        raise ValueError(f"k must be between 1 and {len(scores.values)}, got {k}")
-    return [scores.labels["component"][i] for (i,), _ in scores.top(k)]
-
-
 def overlap(predicted: list[str], oracle: list[str]) -> dict[str, float]:
     """How well `predicted` anticipates `oracle`: Jaccard `|P∩O|/|P∪O|`, precision `|P∩O|/|P|` (precision@k
     when P is a top-k list) and recall `|P∩O|/|O|`."""
@@ -319,8 +310,8 @@ def update_experiment(
 
     Arms: Free (every parameter), Static (`static`, located on the step-0 model), Random (`n_random` sets
     matched to `static` by `random_components(match=...)`, seeded by `draw_seed`), Oracle (`oracle`: a
-    list, or a function that locates it on each seed's Free model, e.g. `lambda fm: top(scores(fm), k)`),
-    Foresight (`foresight`, e.g. `top(foresight_scores(...), k)`). Every arm runs AdamW without weight
+    list, or a function that locates it on each seed's Free model, e.g. `lambda fm: evolution.top_components(scores(fm), k)`),
+    Foresight (`foresight`, e.g. `evolution.top_components(foresight_scores(...), k)`). Every arm runs AdamW without weight
     decay, warmup + cosine, clipping at 1 (`training.train` / `train_masked` arithmetic), `steps` steps at
     `lr` on `make_loss(seed)`, a `loss_fn(model, step)` (called afresh for each training, so a stateful
     sampler restarts; every masked run of a batch sees the same batch at each step). Each seed

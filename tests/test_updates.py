@@ -197,7 +197,7 @@ def test_foresight_scores_sum_gradient_times_weight_over_each_component(base):
     torch.testing.assert_close(scores.values[labels.index("a2.h1")], expect_head.detach())
     torch.testing.assert_close(scores.values[labels.index("m2")], expect_mlp.detach())
     torch.testing.assert_close(fisher.values[labels.index("a2.h1")], expect_fisher.detach())
-    assert updates.top(scores, 3) == [labels[i] for i in scores.values.abs().argsort(descending=True)[:3]]
+    assert il.evolution.top_components(scores, 3) == [labels[i] for i in scores.values.abs().argsort(descending=True)[:3]]
 
 
 def test_overlap_and_interval_by_hand():
