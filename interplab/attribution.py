@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from . import circuits, edgewise, metrics
+from . import checks, circuits, edgewise, metrics
 from .graph import Circuit, Graph
 from .metrics import Metric
 from .model import Model
@@ -36,25 +36,20 @@ from .tasks import Task
 class Gradients(edgewise.Hooks):
     """Gives every receiver an input tensor of its own and keeps sender outputs, in Graph order."""
 
-    def __init__(self, n_heads: int):
-        self.n_heads = n_heads
-        self.inputs: list[torch.Tensor] = []  # per layer: (B, 3, H, T, D), (B, T, D); then logits (B, T, D)
+    def __init__(self, n_receivers: int):
+        self.n_receivers = n_receivers  # q, k, v receivers of one layer: H + 2 H_kv
+        self.inputs: list[torch.Tensor] = []  # per layer: (B, H + 2 H_kv, T, D), (B, T, D); then logits (B, T, D)
         self.outputs: list[torch.Tensor] = []
-        self.heads: list[torch.Tensor] = []
-        self.mlps: list[torch.Tensor] = []
-        self.resid_pre: list[torch.Tensor] = []
 
     def embed_output(self, x):
         self.outputs.append(x.detach()[None])
         return x
 
     def qkv_input(self, layer, resid):
-        self.resid_pre.append(resid)
         B, T, D = resid.shape
-        return self._keep(resid[:, None, None].expand(B, 3, self.n_heads, T, D))
+        return self._keep(resid[:, None].expand(B, self.n_receivers, T, D))
 
     def heads_output(self, layer, heads):
-        self.heads.append(heads)
         self.outputs.append(heads.detach().transpose(0, 1))
         return heads
 
@@ -62,12 +57,10 @@ class Gradients(edgewise.Hooks):
         return self._keep(resid.view_as(resid))
 
     def mlp_output(self, layer, out):
-        self.mlps.append(out)
         self.outputs.append(out.detach()[None])
         return out
 
     def logits_input(self, resid):
-        self.resid_pre.append(resid)
         return self._keep(resid.view_as(resid))
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +70,7 @@ class Gradients(edgewise.Hooks):
     def receiver_grads(self, metric: torch.Tensor) -> torch.Tensor:
         """d metric / d (each receiver's input): `[R, B, T, D]` in Graph receiver order."""
         grads = torch.autograd.grad(metric, self.inputs)
-        return torch.cat([g.flatten(1, 2).transpose(0, 1) if g.dim() == 5 else g[None] for g in grads])
+        return torch.cat([g.transpose(0, 1) if g.dim() == 4 else g[None] for g in grads])
 
 
 def _batches(task: Task, batch_size: int) -> list[tuple[int, Task]]:
@@ -93,15 +86,17 @@ def _start(m: Model, task: Task, batch_size: int, metric: Metric | None, normali
 
 
 def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_size: int = 16,
-          normalize: bool = False, metric: Metric | None = None) -> Circuit:
+          normalize: bool = False, metric: Metric | None = None, remote: bool = False) -> Circuit:
     """Scores of every edge of the model's `Graph`, as a full `Circuit` (select with `.top(n)`).
 
     method: "EAP" (gradient on the clean run) or "EAP-IG" (gradient averaged over `steps`
     interpolations of the input embeddings from corrupt to clean, alpha = k/steps, k = 1..steps).
     A score estimates `m(clean) - m(clean, edge corrupted)` (divided by `m_clean - m_corrupt`
     with `normalize`). `metric`: a `metrics.Metric` (default: the task's logit difference).
-    Cost per batch: one corrupt forward, and one forward and backward per step.
+    Cost per batch: one corrupt forward, and one forward and backward per step. `remote=True`
+    raises: the edge-wise forward runs outside nnsight (`nodes` runs remotely).
     """
+    checks.local_only(remote, "attribution.edges", edgewise.LOCAL_ONLY)
     if method not in ("EAP", "EAP-IG"):
         raise ValueError(f"method must be 'EAP' or 'EAP-IG', got {method!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -124,7 +119,7 @@ def _edge_batch(m: Model, part: Task, steps: int, metric: Metric, rows: torch.Te
     corrupt_embeds = edgewise.embed(m, part.corrupt).detach()
     grads = 0
     for k in range(1, steps + 1):
-        hooks = Gradients(m.n_heads)
+        hooks = Gradients(edgewise.qkv_receivers(m))
         alpha = k / steps
         embeds = (corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)).requires_grad_(True)
         logits = edgewise.run(m, embeds, hooks)
@@ -133,36 +128,69 @@ def _edge_batch(m: Model, part: Task, steps: int, metric: Metric, rows: torch.Te
     return torch.einsum("sbtd,rbtd->sr", delta, grads / steps)
 
 
+def _node_run(m: Model, tokens: torch.Tensor, rows: torch.Tensor, metric: Metric, remote: bool,
+              grad: bool) -> dict[str, torch.Tensor]:
+    """One nnsight trace over `tokens` `[B, T]`: per-head values "z" `[L, B, T, H * dh]` (the input of the
+    attention output projection), MLP outputs "mlp" `[L, B, T, D]`, residual inputs "resid" `[L + 1, B, T, D]`
+    (each block's input, then the final norm's), the per-example metric "metric" `[B]`, and with `grad`
+    their gradients "g_z", "g_mlp", "g_resid" (of the summed metric)."""
+    # Only saved values and objects made before the trace outlive it (nnsight 0.8), hence `out` and `grads` here.
+    L, blocks, out, grads = m.n_layers, m.envoy(m.spec.blocks), {}, {}
+    with torch.set_grad_enabled(grad), m.nn.trace(tokens, remote=remote, logits_to_keep=1):
+        acts = {"z": [], "mlp": [], "resid": []}
+        for l in range(L):  # in the order the model computes them, as nnsight requires
+            acts["resid"].append(blocks[l].input)
+            acts["z"].append(m.envoy(m.spec.head_values, l).input)
+            acts["mlp"].append(m.envoy(m.spec.mlp, l).output)
+        acts["resid"].append(m.envoy(m.spec.final_norm).input)
+        for name, values in acts.items():
+            out[name] = torch.stack(values).detach().save()
+        value = metrics.apply(metric, m.nn.output.logits[:, -1], rows)
+        out["metric"] = value.detach().save()
+        if grad:
+            with value.sum().backward():  # gradients arrive from the last layer back
+                grads["g_resid"] = [acts["resid"][L].grad.save()]
+                for l in reversed(range(L)):
+                    grads["g_mlp"] = [acts["mlp"][l].grad.save()] + grads.get("g_mlp", [])
+                    grads["g_z"] = [acts["z"][l].grad.save()] + grads.get("g_z", [])
+                    grads["g_resid"] = [acts["resid"][l].grad.save()] + grads["g_resid"]
+    return out | {name: torch.stack(values) for name, values in grads.items()}
+
+
 def nodes(m: Model, task: Task, batch_size: int = 16, per_position: bool = False, normalize: bool = False,
-          metric: Metric | None = None) -> dict[str, Scores]:
+          metric: Metric | None = None, remote: bool = False) -> dict[str, Scores]:
     """Attribution patching of nodes: {"heads": (layer, head[, pos]), "mlp": (layer[, pos]),
     "resid": (layer, pos)} scores, `(a_clean - a_corrupt) . dm/da` averaged over examples: the
     first-order estimate of `m(clean) - m(clean, node corrupted)` (divided by the clean-vs-corrupt
     gap with `normalize`).
 
+    Runs through nnsight (its gradients), so it works on every supported family and, with
+    `remote=True`, on NDIF. A head's score is taken on its value vector `z_h` (the input of the
+    output projection), which equals the score on its output `z_h W_O^h`: the map is linear.
     "resid" layer l is the residual stream before block l; layer n_layers is before the final norm.
-    One corrupt forward and one clean forward and backward per batch.
+    One corrupt forward and one clean forward and backward per batch; the clean and corrupt metrics
+    of those runs give the gap, checked before anything is divided by it.
     """
-    metric, scale = _start(m, task, batch_size, metric, normalize)
+    checks.task(m, task)
+    checks.batch_size(batch_size)
+    checks.remote(m, remote)
+    metric = metric or metrics.task_metric(task)
+    H = m.n_heads
     heads = mlps = resid = 0
+    clean_metric, corrupt_metric = [], []
     for start, part in _batches(task, batch_size):
-        _, corrupt = edgewise.record(m, part.corrupt)
-        hooks = Gradients(m.n_heads)
-        logits = edgewise.run(m, edgewise.embed(m, part.clean).detach().requires_grad_(True), hooks)
-        tensors = hooks.heads + hooks.mlps + hooks.resid_pre
-        value = metrics.apply(metric, logits, circuits.examples(start, part)).sum()
-        grads = torch.autograd.grad(value, tensors)
-        L = m.n_layers
-        g_heads, g_mlps, g_resid = torch.stack(grads[:L]), torch.stack(grads[L:2 * L]), torch.stack(grads[2 * L:])
-        c_senders = corrupt.senders()[1:].unflatten(0, (L, -1))  # (L, H+1, B, T, D)
-        d_heads = torch.stack(hooks.heads).detach() - c_senders[:, :-1].transpose(1, 2)  # (L, B, H, T, D)
-        d_mlps = torch.stack(hooks.mlps).detach() - c_senders[:, -1]
-        d_resid = torch.stack(hooks.resid_pre).detach() - torch.stack(corrupt.resid_pre)
-        heads = heads + (d_heads * g_heads).sum((1, -1))  # (L, H, T)
-        mlps = mlps + (d_mlps * g_mlps).sum((1, -1))  # (L, T)
-        resid = resid + (d_resid * g_resid).sum((1, -1))  # (L+1, T)
-    n = len(task) * scale
-    heads, mlps, resid = heads / n, mlps / n, resid / n
+        rows = circuits.examples(start, part)
+        corrupt = _node_run(m, part.corrupt, rows, metric, remote, grad=False)
+        clean = _node_run(m, part.clean, rows, metric, remote, grad=True)
+        clean_metric.append(clean["metric"].double().cpu())
+        corrupt_metric.append(corrupt["metric"].double().cpu())
+        d_z = ((clean["z"] - corrupt["z"]) * clean["g_z"]).unflatten(-1, (H, -1)).sum(-1)  # (L, B, T, H)
+        heads = heads + d_z.sum(1).transpose(1, 2)  # (L, H, T)
+        mlps = mlps + ((clean["mlp"] - corrupt["mlp"]) * clean["g_mlp"]).sum((1, -1))  # (L, T)
+        resid = resid + ((clean["resid"] - corrupt["resid"]) * clean["g_resid"]).sum((1, -1))  # (L+1, T)
+    gap = metrics.check_gap(torch.cat(clean_metric), torch.cat(corrupt_metric), normalize, f"the {task.name} task")
+    n = len(task) * (gap if normalize else 1.0)
+    heads, mlps, resid = (x.detach().cpu().float() / n for x in (heads, mlps, resid))
     if not per_position:
         heads, mlps = heads.sum(-1), mlps.sum(-1)
     pos = {"pos": [f"{t}" for t in range(task.clean.shape[1])]}

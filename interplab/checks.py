@@ -20,7 +20,7 @@ def batch_size(value, name: str = "batch_size") -> int:
 
 def context_length(m) -> int | None:
     """The longest sequence the model's position embedding (or rotary table) was built for, if it says."""
-    config = m.hf.config
+    config = m.config  # not m.hf: that would load a lazily built model's weights
     return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
@@ -55,9 +55,21 @@ def task(m, t) -> None:
 
 
 def remote(m, value: bool) -> None:
-    """Refuse `remote=True` for a model NDIF cannot host: the shipped organisms exist only on this machine."""
+    """Refuse `remote=True` for a model NDIF cannot host: organisms and local folders exist only on this machine."""
     from .model import ORGANISMS
 
-    if value and m.name in ORGANISMS:
+    if not value:
+        return
+    if m.name in ORGANISMS:
         raise ValueError(f"remote=True runs on NDIF, which hosts hub models only; {m.name} is a local organism. "
                          "Drop remote=True (organisms run in seconds on a CPU).")
+    if getattr(m, "folder", None) is not None:
+        raise ValueError(f"remote=True runs on NDIF, which hosts hub models by their hub id; {m.name} was loaded "
+                         "from a local folder. Load it by hub id (il.load(name, remote=True)) or drop remote=True.")
+
+
+def local_only(value: bool, function: str, why: str) -> None:
+    """Refuse `remote=True` for a function that cannot run on NDIF, saying which and why."""
+    if value:
+        raise NotImplementedError(f"{function} cannot run remotely (remote=True): {why}. Run it locally "
+                                  "(remote=False) on a model that fits this machine.")

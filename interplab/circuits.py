@@ -50,8 +50,7 @@ class Patched(edgewise.Hooks):
 
     def qkv_input(self, layer, resid):
         start = layer * self.layer_receivers
-        x = self._input(slice(start, start + self.layer_receivers - 1), self.corrupt.resid_pre[layer])
-        return x.unflatten(1, (3, -1))  # (C*B, 3, H, T, D)
+        return self._input(slice(start, start + self.layer_receivers - 1), self.corrupt.resid_pre[layer])
 
     def heads_output(self, layer, heads):
         self.outputs.append(heads.transpose(0, 1))
@@ -69,8 +68,11 @@ class Patched(edgewise.Hooks):
         return self._input(slice(-1, None), self.corrupt.resid_pre[-1])[:, 0]
 
 
-def check(m: Model, task: Task, batch_size: int, what: str = "batch_size") -> None:
-    """The checks every edge-level method runs first: a GPT-2-family model, a valid task, a positive batch size."""
+def check(m: Model, task: Task, batch_size: int, what: str = "batch_size", remote: bool = False,
+          function: str = "this edge-level method") -> None:
+    """The checks every edge-level method runs first: a supported family, a valid task, a positive batch
+    size, and no `remote=True` (the edge-wise forward runs locally only: a clear error naming `function`)."""
+    checks.local_only(remote, function, edgewise.LOCAL_ONLY)
     edgewise.check_supported(m)
     checks.task(m, task)
     checks.batch_size(batch_size, what)
@@ -83,13 +85,14 @@ def examples(part_start: int, part: Task, repeats: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def circuit_metrics(m: Model, task: Task, circuits: list[Circuit], batch_size: int = 32,
-                    circuits_per_run: int = 8, metric: Metric | None = None) -> torch.Tensor:
+                    circuits_per_run: int = 8, metric: Metric | None = None, remote: bool = False) -> torch.Tensor:
     """Mean metric of the model run as each circuit: `[len(circuits)]`.
 
     One run per `circuits_per_run` circuits and `batch_size` examples: rows carry different circuits.
-    `metric` is a `metrics.Metric` (default: the task's logit difference).
+    `metric` is a `metrics.Metric` (default: the task's logit difference). `remote=True` raises:
+    the edge-wise forward runs outside nnsight.
     """
-    check(m, task, batch_size)
+    check(m, task, batch_size, remote=remote, function="circuits.circuit_metrics")
     checks.batch_size(circuits_per_run, "circuits_per_run")
     if not circuits:
         raise ValueError("no circuits given; pass a Circuit or a non-empty list of them")
@@ -138,11 +141,13 @@ def checked_gap(m: Model, task: Task, batch_size: int, metric: Metric | None,
 
 
 def faithfulness(m: Model, task: Task, circuit: Circuit | list[Circuit], batch_size: int = 32,
-                 metric: Metric | None = None) -> float | torch.Tensor:
+                 metric: Metric | None = None, remote: bool = False) -> float | torch.Tensor:
     """Normalized faithfulness (m_circuit - m_corrupt) / (m_clean - m_corrupt) of the mean metric.
 
     1 for the full graph, 0 for the empty circuit. A list of circuits gives a tensor `[n]`.
+    `remote=True` raises: the edge-wise forward runs outside nnsight.
     """
+    checks.local_only(remote, "circuits.faithfulness", edgewise.LOCAL_ONLY)
     circuits = [circuit] if isinstance(circuit, Circuit) else list(circuit)
     if not circuits:
         raise ValueError("faithfulness([]) has no circuit to test; pass a Circuit or a non-empty list of them")
@@ -156,8 +161,10 @@ def faithfulness(m: Model, task: Task, circuit: Circuit | list[Circuit], batch_s
 
 
 def faithfulness_curve(m: Model, task: Task, scored: Circuit, ns: list[int] | None = None,
-                       batch_size: int = 32, metric: Metric | None = None) -> Scores:
-    """Faithfulness of `scored.top(n)` for each n in `ns` (default: 16 sizes, log-spaced): Scores over n_edges."""
+                       batch_size: int = 32, metric: Metric | None = None, remote: bool = False) -> Scores:
+    """Faithfulness of `scored.top(n)` for each n in `ns` (default: 16 sizes, log-spaced): Scores over n_edges.
+    `remote=True` raises: the edge-wise forward runs outside nnsight."""
+    checks.local_only(remote, "circuits.faithfulness_curve", edgewise.LOCAL_ONLY)
     if ns is None:
         ns = torch.logspace(0, torch.log10(torch.tensor(float(scored.n_edges))), 16).round().int().unique().tolist()
         ns = [0] + ns
@@ -168,12 +175,13 @@ def faithfulness_curve(m: Model, task: Task, scored: Circuit, ns: list[int] | No
 
 
 def edge_patching(m: Model, task: Task, among: Circuit | None = None, batch_size: int = 32,
-                  circuits_per_run: int = 16, normalize: bool = False, metric: Metric | None = None) -> Circuit:
+                  circuits_per_run: int = 16, normalize: bool = False, metric: Metric | None = None,
+                  remote: bool = False) -> Circuit:
     """Exact effect of corrupting each edge alone, `m(clean) - m(every edge but this one)`, averaged over
     examples (noising, +1 = the whole effect when normalized by `m_clean - m_corrupt`): what EAP
     estimates to first order. `among` picks the edges (default: all of them); rows of one run carry
-    different edges."""
-    check(m, task, batch_size)
+    different edges. `remote=True` raises: the edge-wise forward runs outside nnsight."""
+    check(m, task, batch_size, remote=remote, function="circuits.edge_patching")
     among = among or Circuit.full(Graph.from_model(m))
     graph = among.graph
     pairs = among.mask.nonzero().tolist()

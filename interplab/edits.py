@@ -175,20 +175,24 @@ class Edit:
         _intervene(self.model, {layer: self.terms(layer) for layer in self.layers}, start)
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, batch_size: int = 256, remote: bool = False) -> torch.Tensor:
         """Like `m.logits(tokens)` with the edit applied: tokens `[B, T]` -> `[B, T, d_vocab]`."""
         tokens = checks.tokens(self.model, tokens).to(self.model.device)
-        return torch.cat([_edited_logits(self.model, self, chunk) for chunk in tokens.split(batch_size)])
+        checks.remote(self.model, remote)
+        return torch.cat([_edited_logits(self.model, self, chunk, remote=remote)
+                          for chunk in tokens.split(batch_size)])
 
     @torch.no_grad()
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int = 8, **kwargs) -> torch.Tensor:
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int = 8, remote: bool = False,
+                 **kwargs) -> torch.Tensor:
         """Greedy generation (unless kwargs say otherwise) with the edit at every step: `[B, T + new]` ids."""
         m = self.model
         tokens = checks.tokens(m, tokens).to(m.device)
+        checks.remote(m, remote)
         kwargs = {"do_sample": False, "pad_token_id": m.tokenizer.pad_token_id, **kwargs}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*was never reached.*")  # open loop ends with the run
-            with m.nn.generate(max_new_tokens=max_new_tokens, **kwargs) as tracer:
+            with m.nn.generate(max_new_tokens=max_new_tokens, remote=remote, **kwargs) as tracer:
                 with tracer.invoke(tokens):
                     for _ in tracer.all():
                         self.apply()
@@ -319,12 +323,14 @@ def fit_iti(
     seed: int = 0,
     pos: int = -1,
     batch_size: int = 64,
+    remote: bool = False,
 ) -> ITIProbe:
     """Collect head values at `pos` for `tokens` `[n, seq]` and fit ITI's probes (labels `[n]`, True = truthful).
 
-    `groups` `[n]` keeps related rows (a statement and its false twin) in one split.
+    `groups` `[n]` keeps related rows (a statement and its false twin) in one split. With `remote=True`
+    the head values are collected on NDIF and the probes fit here.
     """
-    x = probes.collect(m, tokens, site="heads", pos=pos, batch_size=batch_size)  # (n, L, H, dh)
+    x = probes.collect(m, tokens, site="heads", pos=pos, batch_size=batch_size, remote=remote)  # (n, L, H, dh)
     return fit_iti_activations(x, labels, groups, test_fraction, seed)
 
 
@@ -402,6 +408,7 @@ def train(
     batch_size: int | None = None,
     reuse_prefix: bool = True,
     progress: bool = True,
+    remote: bool = False,
 ) -> torch.Tensor:
     """Train the edits' parameters (in place) with the IPO or DPO loss; the model's weights never change.
 
@@ -413,8 +420,11 @@ def train(
     DPO's β. `batch_size` pairs per step are drawn with `seed` (the same rows for every group); None
     uses all N. With `reuse_prefix` the edits that start at layer l share a forward that skips blocks
     < l (their unedited output is cached once), one forward per distinct first layer: less arithmetic,
-    more forwards (worth it unless the batch is tiny). Returns the losses `[steps, K]`.
+    more forwards (worth it unless the batch is tiny). Returns the losses `[steps, K]`. Local only
+    (`remote=True` raises).
     """
+    checks.local_only(remote, "edits.train", "it steps torch.optim on the edits' parameters here, with "
+                      "gradients from a local backward pass at every step")
     if kind not in ("ipo", "dpo"):
         raise ValueError(f"kind must be 'ipo' or 'dpo', not {kind!r}")
     edits = [edits] if isinstance(edits, Edit) else list(edits)
@@ -460,22 +470,25 @@ def train(
     return losses
 
 
-def edited_logprobs(m, edits: list[Edit], prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
-    """log p(completion | prompt) under each edit, one forward for all: `[K, N]` (differentiable).
+def edited_logprobs(m, edits: list[Edit], prompts: torch.Tensor, completions: torch.Tensor,
+                    remote: bool = False) -> torch.Tensor:
+    """log p(completion | prompt) under each edit, one forward for all: `[K, N]` (differentiable when local).
 
     prompts `[N, P]`, completions `[N, C]`. "last" edits act from the prompt's last position on.
     """
-    return _logprobs(m, edits, prompts, completions)
+    checks.remote(m, remote)
+    return _logprobs(m, edits, prompts, completions, remote=remote)
 
 
-def _logprobs(m, edits, prompts, completions, first: int = 0, prefix=None) -> torch.Tensor:
+def _logprobs(m, edits, prompts, completions, first: int = 0, prefix=None, remote: bool = False) -> torch.Tensor:
     """`edited_logprobs`; with `prefix` `[N, P+C, d_model]` (block first-1's unedited output) blocks < first
     are skipped."""
     k, n = len(edits), len(prompts)
     tokens = torch.cat([prompts, completions], 1).repeat(k, 1)  # (K*N, P+C), group-major
     batch = _Batch(edits, torch.arange(k).repeat_interleave(n))
     skip = (first, prefix.repeat(k, 1, 1)) if prefix is not None else None
-    logits = _edited_logits(m, batch, tokens, start=prompts.shape[1] - 1, skip=skip)  # "last": what generation edits
+    logits = _edited_logits(m, batch, tokens, start=prompts.shape[1] - 1, skip=skip,  # "last": what generation edits
+                            remote=remote)
     return _completion_logprob(logits, prompts.shape[1], completions.repeat(k, 1)).view(k, n)
 
 
@@ -560,11 +573,11 @@ def _intervene(m, terms_at: dict[int, list[Term]], start: int | None = None) -> 
 
 
 def _edited_logits(m, edit: Edit | _Batch, tokens: torch.Tensor, start: int | None = None,
-                   skip: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+                   skip: tuple[int, torch.Tensor] | None = None, remote: bool = False) -> torch.Tensor:
     """Logits `[B, T, V]` with the edit; `skip=(first, prefix)` replaces blocks < first by their known output."""
     terms_at = {layer: edit.terms(layer) for layer in edit.layers}
     blocks = m.envoy(m.spec.blocks)
-    with m.nn.trace(tokens):
+    with m.nn.trace(tokens, remote=remote):
         if skip is not None:
             for layer in range(skip[0]):  # exact: rotary tables and masks are built outside the blocks
                 blocks[layer].skip(skip[1])
@@ -577,7 +590,7 @@ def _edited_logits(m, edit: Edit | _Batch, tokens: torch.Tensor, start: int | No
 
 def _dtype(m) -> torch.dtype:
     """Edit parameters live in the model's floating dtype (float64 models get float64 edits)."""
-    return next(m.hf.parameters()).dtype
+    return m.dtype  # read without loading a lazily built model's weights
 
 
 def _dense(rows: torch.Tensor, heads: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from scipy import stats
 from tqdm.auto import tqdm
 
-from . import attribution, patching, updates
+from . import attribution, checks, patching, updates
 from .model import Model
 from .scores import Scores
 from .tasks import Task
@@ -49,7 +49,7 @@ def _component_scores(values: torch.Tensor, names: list[str], meta: dict) -> Sco
 
 
 def component_scores(m: Model, task: Task, locator: str | Callable = "patching", position: str = "all",
-                     **options) -> Scores:
+                     remote: bool = False, **options) -> Scores:
     """Scores over every component (`updates.component_names(m)` order: per layer its heads, then its MLP).
 
     locator "patching": denoising activation patching, normalized: +1 = the component alone restores the
@@ -59,7 +59,8 @@ def component_scores(m: Model, task: Task, locator: str | Callable = "patching",
     "attribution": node attribution patching (`attribution.nodes(normalize=True)`), the first-order estimate of
     `(m_clean - m_corrupted) / (m_clean - m_corrupt)`, summed over positions (or at the final one).
     A callable `locator(m, task)` returning Scores with dims `("component",)` (e.g. a foresight locator)
-    is used as it is. `options` go to the patching sweeps or to `attribution.nodes`.
+    is used as it is. `options` go to the patching sweeps or to `attribution.nodes`. `remote=True` runs
+    the patching or attribution on NDIF (a callable locator gets no `remote`: refused).
     """
     names = updates.component_names(m)
     if position not in ("all", "final"):
@@ -67,6 +68,8 @@ def component_scores(m: Model, task: Task, locator: str | Callable = "patching",
     meta = {"task": task.name, "locator": locator, "position": position,
             "title": f"{locator} scores on {task.name} ({position} positions)"}
     if callable(locator):
+        checks.local_only(remote, "evolution.component_scores with a callable locator",
+                          "interplab cannot tell whether the callable runs the model through nnsight")
         scores = locator(m, task)
         _check_components(scores, _component_scores(torch.zeros(len(names)), names, {}), "locator output")
         return scores
@@ -74,12 +77,14 @@ def component_scores(m: Model, task: Task, locator: str | Callable = "patching",
         raise ValueError(f"locator must be one of {LOCATORS} or a callable (m, task) -> Scores, got {locator!r}")
     L, H = m.n_layers, m.n_heads
     if locator == "patching" and position == "final":
-        return _component_scores(node_faithfulness(m, task, [[n] for n in names], final_only=True), names, meta)
+        return _component_scores(node_faithfulness(m, task, [[n] for n in names], final_only=True, remote=remote),
+                                 names, meta)
     if locator == "patching":
-        options = dict(progress=False) | options
+        options = dict(progress=False, remote=remote) | options
         heads = patching.heads(m, task, **options).values  # (L, H)
         mlps = patching.mlp_out(m, task, per_position=False, **options).values  # (L,)
     else:
+        options = options | ({"remote": True} if remote else {})
         nodes = attribution.nodes(m, task, per_position=True, normalize=True, **options)
         pick = (lambda v: v.sum(-1)) if position == "all" else (lambda v: v[..., -1])
         heads, mlps = pick(nodes["heads"].values), pick(nodes["mlp"].values)
@@ -160,15 +165,16 @@ def rank_stability(a: Scores, b: Scores) -> float:
 
 # ---- functional stability: node-level faithfulness ----
 
-def _activations(m: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _activations(m: Model, tokens: torch.Tensor, remote: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer, the heads' values (input of the attention output projection) `[L, B, T, H*d_head]`
     and the MLP outputs `[L, B, T, d_model]`."""
-    z, out = [], []
-    with torch.no_grad(), m.nn.trace(tokens.to(m.device)):
+    with torch.no_grad(), m.nn.trace(tokens.to(m.device), remote=remote):
+        z, out = [], []
         for layer in range(m.n_layers):
-            z.append(m.envoy(m.spec.head_values, layer).input.save())
-            out.append(m.envoy(m.spec.mlp_out, layer).output.save())
-    return torch.stack(z), torch.stack(out)
+            z.append(m.envoy(m.spec.head_values, layer).input)
+            out.append(m.envoy(m.spec.mlp_out, layer).output)
+        z, out = torch.stack(z).save(), torch.stack(out).save()  # one saved tensor each comes back from NDIF
+    return z, out
 
 
 def _masks(m: Model, circuits: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +192,7 @@ def _masks(m: Model, circuits: list[list[str]]) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def node_faithfulness(m: Model, task: Task, circuits: list[list[str]], final_only: bool = False,
-                      circuits_per_run: int = 16) -> torch.Tensor:
+                      circuits_per_run: int = 16, remote: bool = False) -> torch.Tensor:
     """Faithfulness of each circuit (a list of component names) on `m`: `[len(circuits)]`.
 
     Run `m` on the corrupt prompts with every component of the circuit set to its output on the clean
@@ -195,13 +201,14 @@ def node_faithfulness(m: Model, task: Task, circuits: list[list[str]], final_onl
     mean task metric. 0 for the empty circuit; 1 for all components when the final token is the same in
     the clean and corrupt prompts (the embeddings stay corrupt). With `final_only` components take their
     clean output at the final position only (earlier positions stay corrupt). Rows of one run carry
-    different circuits.
+    different circuits. `remote=True` runs every forward on NDIF.
     """
     task.check_paired()
+    checks.remote(m, remote)
     heads, mlps = _masks(m, circuits)
-    z_clean, mlp_clean = _activations(m, task.clean)
-    clean = task.metric(m.logits(task.clean)).mean().item()
-    corrupt = task.metric(m.logits(task.corrupt)).mean().item()
+    z_clean, mlp_clean = _activations(m, task.clean, remote)
+    clean = task.metric(m.logits(task.clean, remote=remote)).mean().item()
+    corrupt = task.metric(m.logits(task.corrupt, remote=remote)).mean().item()
     if abs(clean - corrupt) < 1e-12:
         raise ValueError(f"{task.name}: clean and corrupt prompts score the same on {m.name}, so faithfulness "
                          "is undefined; use a task the model distinguishes")
@@ -213,7 +220,7 @@ def node_faithfulness(m: Model, task: Task, circuits: list[list[str]], final_onl
         h, mm = heads[first:first + circuits_per_run], mlps[first:first + circuits_per_run]
         C = h.shape[0]
         tokens = task.corrupt.repeat(C, 1).to(m.device)  # row c * n + i: circuit c, example i
-        with m.nn.trace(tokens, logits_to_keep=1):
+        with m.nn.trace(tokens, logits_to_keep=1, remote=remote):
             for layer in range(m.n_layers):
                 cols = h[:, layer].repeat_interleave(dh, dim=1).repeat_interleave(n, dim=0)[:, None]  # (C*n, 1, H*dh)
                 hv = m.envoy(m.spec.head_values, layer)
@@ -229,22 +236,27 @@ def node_faithfulness(m: Model, task: Task, circuits: list[list[str]], final_onl
 
 # ---- representational stability ----
 
-def component_outputs(m: Model, tokens: torch.Tensor) -> torch.Tensor:
+def component_outputs(m: Model, tokens: torch.Tensor, remote: bool = False) -> torch.Tensor:
     """What each component writes into the residual stream, every position: `[n_components, B*T, d_model]`.
 
-    A head's write is its value slice times its rows (Conv1D) / columns (Linear) of the output projection.
+    A head's write is its value slice times its rows (Conv1D) / columns (Linear) of the output projection,
+    computed inside the trace (with `remote=True`, on NDIF, where the weights are).
     """
-    z, mlp = _activations(m, tokens)
-    L, B, T, _ = mlp.shape
+    checks.remote(m, remote)
     dh, H = m.d_head, m.n_heads
-    outs = []
-    for layer in range(L):
-        w = m.module(m.spec.head_values, layer).weight.detach()  # Conv1D [H*dh, D]; Linear [D, H*dh]
-        w = w if m.spec.conv1d else w.T
-        zl = z[layer].reshape(B * T, H, dh)
-        outs += [zl[:, h] @ w[h * dh:(h + 1) * dh] for h in range(H)]
-        outs.append(mlp[layer].reshape(B * T, -1))
-    return torch.stack(outs)
+    with torch.no_grad(), m.nn.trace(tokens.to(m.device), remote=remote):
+        outs = []
+        for layer in range(m.n_layers):
+            project = m.envoy(m.spec.head_values, layer)
+            z = project.input  # (B, T, H*dh)
+            w = project.weight  # Conv1D [H*dh, D]; Linear [D, H*dh]
+            w = w if m.spec.conv1d else w.T
+            zl = z.reshape(-1, H, dh)  # (B*T, H, dh)
+            outs += [zl[:, h] @ w[h * dh:(h + 1) * dh] for h in range(H)]
+            mlp = m.envoy(m.spec.mlp_out, layer).output
+            outs.append(mlp.reshape(zl.shape[0], -1))
+        outs = torch.stack(outs).cpu().save()  # (n_components, B*T, d_model)
+    return outs
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -257,9 +269,9 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return (torch.linalg.norm(y.T @ x) ** 2 / denom).item() if denom > 0 else float("nan")
 
 
-def representational_stability(m_s: Model, m_t: Model, tokens: torch.Tensor) -> Scores:
+def representational_stability(m_s: Model, m_t: Model, tokens: torch.Tensor, remote: bool = False) -> Scores:
     """Per component, linear CKA of its outputs under `m_s` and `m_t` on the same `tokens` `[B, T]`."""
-    a, b = component_outputs(m_s, tokens), component_outputs(m_t, tokens)
+    a, b = component_outputs(m_s, tokens, remote), component_outputs(m_t, tokens, remote)
     values = torch.tensor([linear_cka(x, y) for x, y in zip(a, b)])
     return _component_scores(values, updates.component_names(m_s), {"title": "linear CKA of component outputs"})
 
@@ -282,13 +294,15 @@ def task_loss(task: Task, kind: str = "ce") -> Callable[[torch.nn.Module], torch
 
 
 def gradient_conflict(m: Model, loss_a: Task | Callable, loss_b: Task | Callable,
-                      names: list[str] | None = None, kind: str = "ce") -> Scores:
+                      names: list[str] | None = None, kind: str = "ce", remote: bool = False) -> Scores:
     """Per component (default: all), the cosine between the gradients of two losses restricted to the
     component's parameters (`updates.component_masks`). A Task stands for its `task_loss(task, kind)`.
 
     -1: the two losses pull the component's parameters in exactly opposite directions; NaN where a
-    gradient is zero on the component.
+    gradient is zero on the component. Local only (`remote=True` raises).
     """
+    checks.local_only(remote, "evolution.gradient_conflict", "it differentiates the losses with respect to "
+                      "every weight of the Hugging Face model (torch.autograd over a plain forward, not a trace)")
     names = updates.component_names(m) if names is None else list(names)
     params = dict(m.hf.named_parameters())
     grads = []
@@ -414,7 +428,8 @@ class Trajectory:
 
 def track(checkpoints: list[tuple[str, Model]], tasks: dict[str, Task] | list[Task], k: int = 8,
           locator: str | Callable = "patching", position: str = "all", conflicts: list[tuple[str, str]] = (),
-          conflict_loss: str = "ce", cka_examples: int = 16, progress: bool = True, **options) -> Trajectory:
+          conflict_loss: str = "ce", cka_examples: int = 16, progress: bool = True, remote: bool = False,
+          **options) -> Trajectory:
     """Locate each task's circuit at every checkpoint and measure distance, stability and conflict.
 
     checkpoints: `[(label, Model), ...]` in training order, all with the same architecture and tokenizer
@@ -423,8 +438,12 @@ def track(checkpoints: list[tuple[str, Model]], tasks: dict[str, Task] | list[Ta
     component compares its outputs with checkpoint 0's on `cka_examples` clean prompts per task.
     `position` ("all" or "final") applies to the locator and to the faithfulness runs alike; `options` go
     to `component_scores`. Cost per checkpoint and task: one locator sweep, a few forward passes, and
-    one batched faithfulness run per 16 circuits.
+    one batched faithfulness run per 16 circuits. `remote=True` runs them on NDIF; gradient conflicts are
+    local only (see `gradient_conflict`), so `conflicts` must be empty then.
     """
+    if conflicts:
+        checks.local_only(remote, "evolution.track with conflicts", "gradient_conflict differentiates every "
+                          "weight locally; drop conflicts=... to track remotely")
     if not checkpoints:
         raise ValueError("track needs at least one (label, Model) checkpoint")
     if not isinstance(tasks, dict):
@@ -441,12 +460,14 @@ def track(checkpoints: list[tuple[str, Model]], tasks: dict[str, Task] | list[Ta
     gap = {name: [] for name in tasks}
     cka = {name: [] for name in tasks}
     cosine = {pair: [] for pair in conflicts}
-    reference = {name: component_outputs(models[0], task.clean[:cka_examples]) for name, task in tasks.items()}
+    reference = {name: component_outputs(models[0], task.clean[:cka_examples], remote)
+                 for name, task in tasks.items()}
     for m in tqdm(models, desc="checkpoints", disable=not progress):
         for name, task in tasks.items():
-            scores[name].append(component_scores(m, task, locator, position, **options).values)
-            gap[name].append(task.metric(m.logits(task.clean)).mean() - task.metric(m.logits(task.corrupt)).mean())
-            outs = component_outputs(m, task.clean[:cka_examples])
+            scores[name].append(component_scores(m, task, locator, position, remote=remote, **options).values)
+            gap[name].append(task.metric(m.logits(task.clean, remote=remote)).mean()
+                             - task.metric(m.logits(task.corrupt, remote=remote)).mean())
+            outs = component_outputs(m, task.clean[:cka_examples], remote)
             cka[name].append(torch.tensor([linear_cka(x, y) for x, y in zip(reference[name], outs)]))
         for a, b in conflicts:
             cosine[(a, b)].append(gradient_conflict(m, tasks[a], tasks[b], kind=conflict_loss).values)
@@ -457,6 +478,6 @@ def track(checkpoints: list[tuple[str, Model]], tasks: dict[str, Task] | list[Ta
                        "position": position, "conflict_loss": conflict_loss})
     for name, task in tasks.items():
         circuits = [traj.circuit(name, s) for s in range(len(labels))]
-        traj.faithfulness[name] = torch.stack([node_faithfulness(m, task, circuits, position == "final")
-                                               for m in models], dim=1)
+        traj.faithfulness[name] = torch.stack([node_faithfulness(m, task, circuits, position == "final",
+                                                                 remote=remote) for m in models], dim=1)
     return traj

@@ -1,11 +1,17 @@
 """A model's computational graph and circuits (scored edge subsets): the data types, no model runs.
 
 Nodes are the standard ones of edge attribution patching. Senders write into the
-residual stream: the input (token + position embedding), every attention head and
-every MLP. Receivers read from it: every head's query, key and value input, every
-MLP input, and the logits. An edge joins a sender to every receiver downstream of
-it; each receiver's input is the sum of its senders' outputs (plus the constant
-attention output biases), taken before the receiver's layer norm.
+residual stream: the input (token embedding, plus learned positions where the model
+has them), every attention head and every MLP. Receivers read from it: every head's
+query, key and value input, every MLP input, and the logits. An edge joins a sender
+to every receiver downstream of it; each receiver's input is the sum of its senders'
+outputs (plus the constant attention output biases), taken before the receiver's norm.
+
+Two family differences show in the edges. In parallel blocks (GPT-NeoX) the MLP reads
+the block input, so a layer's heads have no edge into its own MLP. Under grouped-query
+attention (Llama, Qwen2, Mistral) keys and values exist once per kv head, so the key and
+value receivers `a{l}.h{g}<k|v>` run over g < n_kv_heads, each shared by the query heads
+of its group (`edgewise.kv_head`).
 
 A `Circuit` is a subset of the edges with a score per edge. The runners that score
 and test circuits live in `circuits.py` (faithfulness, edge patching) and
@@ -17,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from .edgewise import is_parallel
+
 
 class Graph:
     """Senders, receivers and the valid edges `[S, R]` of a transformer.
@@ -50,8 +59,7 @@ class Graph:
 
     @classmethod
     def from_model(cls, m) -> Graph:
-        parallel = bool(getattr(m.hf.config, "use_parallel_residual", False))
-        return cls(m.n_layers, m.n_heads, m.n_kv_heads, parallel)
+        return cls(m.n_layers, m.n_heads, m.n_kv_heads, is_parallel(m))
 
     def __repr__(self) -> str:
         return f"Graph({len(self.senders)} senders, {len(self.receivers)} receivers, {self.n_edges} edges)"

@@ -15,7 +15,8 @@ def logit_lens(m, tokens: torch.Tensor, target: torch.Tensor | None = None, remo
     default the model's own final-layer prediction at each position. Layer
     `n_layers - 1` reproduces the model's output distribution exactly.
     Returns Scores over (layer, pos) with `meta["top_tokens"]`, the lens's
-    top-1 token string at each cell.
+    top-1 token string at each cell. With `remote=True` the whole lens runs on NDIF
+    and only the `[layer, pos]` results come back.
     """
     tokens = tokens.reshape(1, -1) if isinstance(tokens, torch.Tensor) and tokens.dim() == 1 else tokens
     checks.tokens(m, tokens)
@@ -26,16 +27,22 @@ def logit_lens(m, tokens: torch.Tensor, target: torch.Tensor | None = None, remo
         raise ValueError(f"target must hold one token id per position ({tokens.shape[1]}), got {target.numel()}")
     if target is not None:
         checks.tokens(m, target.reshape(1, -1), "target")
-    resid = []
-    with m.nn.trace(tokens, remote=remote):
+    n_pos = tokens.shape[1]
+    blocks, norm, unembed = m.envoy(m.spec.blocks), m.envoy(m.spec.final_norm), m.envoy(m.spec.unembed)
+    # Unembedded inside the trace, so a remote run sends back [L, T] numbers, not [L, T, d_vocab] (or the weights).
+    with torch.no_grad(), m.nn.trace(tokens, remote=remote):
+        probs = []
         for layer in range(m.n_layers):
-            resid.append(m.envoy(m.spec.blocks)[layer].output.save())
-    with torch.no_grad():
-        stack = torch.cat([r if r.dim() == 3 else r[0] for r in resid])  # (L, T, d_model)
-        probs = m.module(m.spec.unembed)(m.module(m.spec.final_norm)(stack)).softmax(-1)  # (L, T, V)
-    target = probs[-1].argmax(-1) if target is None else target.reshape(-1)
-    values = probs[:, torch.arange(tokens.shape[1]), target]  # (L, T)
-    top = [m.to_str_tokens(row) for row in probs.argmax(-1)]
+            resid = blocks[layer].output
+            resid = resid if resid.dim() == 3 else resid[0]  # (1, T, d_model)
+            probs.append(unembed(norm(resid))[0].softmax(-1))  # (T, V)
+        probs = torch.stack(probs)  # (L, T, V)
+        wanted = probs[-1].argmax(-1) if target is None else target.reshape(-1).to(probs.device)
+        values = probs[:, torch.arange(n_pos), wanted].cpu().save()  # (L, T)
+        top_ids = probs.argmax(-1).cpu().save()  # (L, T)
+        wanted = wanted.cpu().save()
+    target = wanted
+    top = [m.to_str_tokens(row) for row in top_ids]
     return Scores(
         values,
         dims=("layer", "pos"),

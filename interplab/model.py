@@ -8,6 +8,7 @@ reads modules through `Model.module(...)` / `Model.envoy(...)`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 import transformers
 from nnsight import TransformersModel
+
+from . import checks
 
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
 ORGANISMS = ("interplab/tiny-base", "interplab/tiny-sft", "interplab/tiny-dpo")
@@ -137,22 +140,66 @@ def _get(root: torch.nn.Module, path: str):
 
 
 class Model:
-    """A Hugging Face causal LM, its tokenizer, its nnsight wrapper and its spec."""
+    """A Hugging Face causal LM, its tokenizer, its nnsight wrapper and its spec.
 
-    def __init__(self, hf_model, tokenizer, name: str | None = None):
-        self.hf = hf_model.eval()
+    Built eagerly from a ready model (`Model(hf_model, tokenizer)`), or lazily from a hub id or
+    folder (`Model.lazy`): then the modules live on the meta device (shapes, no weights) until the
+    model first runs here, when nnsight loads the weights ("dispatch"). A remote run never loads them.
+    """
+
+    def __init__(self, hf_model, tokenizer, name: str | None = None, folder: Path | None = None):
+        self._setup(TransformersModel(hf_model.eval(), tokenizer=tokenizer, task="text-generation"), tokenizer,
+                    name or getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__, folder)
+
+    @classmethod
+    def lazy(cls, source: str | Path, tokenizer, name: str, revision: str | None = None,
+             dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> "Model":
+        """The model at `source` (hub id or folder) built from its config on the meta device; no weights are read."""
+        options = {"revision": revision, "dtype": dtype}
+        if torch.device(device).type != "cpu":
+            options["device_map"] = str(device)  # used at dispatch; the meta build drops it
+        wrapped = TransformersModel(str(source), tokenizer=tokenizer, task="text-generation",
+                                    **{k: v for k, v in options.items() if v is not None})
+        m = cls.__new__(cls)
+        m._setup(wrapped, tokenizer, name, source if isinstance(source, Path) else None)
+        return m
+
+    def _setup(self, wrapped: TransformersModel, tokenizer, name: str, folder: Path | None) -> None:
+        self.nn = wrapped
         self.tokenizer = tokenizer
-        self.name = name or getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__
-        self.spec = spec_for(hf_model)
-        self.nn = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
-
-        config = hf_model.config
-        self.n_layers: int = len(_get(hf_model, self.spec.blocks))
+        self.name = name
+        self.folder = folder  # the local folder it came from (NDIF cannot run those), else None
+        config = self.config
+        self.spec = spec_for(wrapped._module)
+        self.n_layers: int = len(_get(wrapped._module, self.spec.blocks))
         self.n_heads: int = config.num_attention_heads
         self.n_kv_heads: int = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.d_model: int = config.hidden_size
         self.d_head: int = getattr(config, "head_dim", None) or self.d_model // self.n_heads
         self.d_vocab: int = config.vocab_size
+
+    @property
+    def config(self):
+        """The Hugging Face config (never loads weights)."""
+        return self.nn._module.config
+
+    @property
+    def dispatched(self) -> bool:
+        """False while a lazily built model has no weights here (its parameters are on the meta device)."""
+        return self.nn.dispatched
+
+    def dispatch(self) -> None:
+        """Load the weights of a lazily built model (a no-op once loaded); runs here call it for you."""
+        with _quiet(self.folder is not None):
+            self.nn.dispatch()
+        self.nn._module.eval()
+
+    @property
+    def hf(self) -> torch.nn.Module:
+        """The `transformers` model. On a lazily built model, reading it loads the weights first."""
+        if not self.dispatched:
+            self.dispatch()
+        return self.nn._module
 
     def __repr__(self) -> str:
         return (
@@ -161,8 +208,15 @@ class Model:
         )
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The weights' floating dtype (known before a lazily built model loads them)."""
+        return next(self.nn._module.parameters()).dtype
+
+    @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the weights' device; the CPU while a lazy model has none (inputs travel from here)."""
+        device = next(self.nn._module.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
 
     def module(self, path: str, layer: int | None = None) -> torch.nn.Module:
         """The torch module at a spec path: `m.module(m.spec.mlp_out, layer=2)`."""
@@ -201,9 +255,14 @@ class Model:
         return self.tokenizer.convert_ids_to_tokens(ids)
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Plain forward pass, no tracing: `[batch, seq, d_vocab]`."""
-        return self.hf(tokens.to(self.device)).logits
+    def logits(self, tokens: torch.Tensor, remote: bool = False) -> torch.Tensor:
+        """Logits `[batch, seq, d_vocab]`: a plain forward pass, or with `remote=True` one nnsight trace on NDIF."""
+        if not remote:
+            return self.hf(tokens.to(self.device)).logits
+        checks.remote(self, remote)
+        with self.nn.trace(tokens, remote=True):
+            logits = self.nn.output.logits.save()
+        return logits
 
 
 def _check_tokenizer(tokenizer, d_vocab: int, name: str) -> None:
@@ -237,19 +296,26 @@ def _check_folder(folder: Path) -> None:
                                 "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
 
 
-def _from_pretrained(source, tokenizer, revision, dtype, quiet: bool):
-    """Model and tokenizer from a folder or the hub; `quiet` hides transformers' "Loading weights" bar
-    (local weights load in milliseconds, and the bar would be left behind in every notebook)."""
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """Hide transformers' "Loading weights" bar while `on` (local weights load in milliseconds, and the bar
+    would be left behind in every notebook)."""
     logging = transformers.utils.logging
     shown = logging.is_progress_bar_enabled()
-    if quiet:
+    if on:
         logging.disable_progress_bar()
     try:
+        yield
+    finally:
+        if on and shown:
+            logging.enable_progress_bar()
+
+
+def _from_pretrained(source, tokenizer, revision, dtype, quiet: bool):
+    """Model and tokenizer from a folder or the hub; `quiet` hides the loading bar."""
+    with _quiet(quiet):
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
         return hf_model, tokenizer or transformers.AutoTokenizer.from_pretrained(source, revision=revision)
-    finally:
-        if quiet and shown:
-            logging.enable_progress_bar()
 
 
 def load(
@@ -258,6 +324,8 @@ def load(
     revision: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    remote: bool = False,
+    lazy: bool = False,
 ) -> Model:
     """Load a causal LM as a `Model`.
 
@@ -265,6 +333,13 @@ def load(
     hub id (`"gpt2"`, with optional `revision="step3000"`), a local folder in
     Hugging Face layout, or an already-built `transformers` model together with
     its `tokenizer`.
+
+    `lazy=True` builds the model from its config on the meta device and reads no
+    weights (only config and tokenizer files); the weights load the first time
+    the model runs here. `remote=True` (for NDIF) is `lazy=True` for a hub id, so
+    `il.load("meta-llama/Llama-3.1-8B", remote=True)` downloads no weights; pass
+    `remote=True` again to each function. Organisms and local folders cannot run
+    on NDIF and refuse `remote=True`.
     """
     if isinstance(name_or_model, torch.nn.Module):
         if tokenizer is None:
@@ -272,6 +347,9 @@ def load(
                 "load(model) with an already-built model needs its tokenizer: "
                 "load(model, tokenizer=tok). interplab never fetches one from the hub silently."
             )
+        if remote or lazy:
+            raise ValueError("load(model, remote=True/lazy=True): this model is already built with its weights; "
+                             "pass a hub id instead, il.load(name, remote=True), to build it without weights.")
         return Model(name_or_model.to(device), tokenizer)
 
     name = str(name_or_model)
@@ -279,8 +357,12 @@ def load(
         if revision is not None:
             raise ValueError(f"{name} is a shipped organism with one version; drop revision={revision!r} (the SFT "
                              "checkpoint series is rebuilt by `python -m interplab.organisms`)")
+        if remote:
+            raise ValueError(f"remote=True runs on NDIF, which hosts hub models only; {name} is a local organism. "
+                             "Drop remote=True (organisms run in seconds on a CPU), or pass lazy=True to build "
+                             "it without weights.")
         source = ORGANISM_DIR / name.split("/", 1)[1]
-        if not (source / "model.safetensors").exists():
+        if not lazy and not (source / "model.safetensors").exists():
             raise FileNotFoundError(
                 f"the weights of {name} are missing from {source}. Rebuild them with "
                 f"`python -m interplab.organisms train {name.split('-', 1)[1]}`."
@@ -293,9 +375,18 @@ def load(
     if local.exists() or _looks_like_path(str(source)):
         _check_folder(local)
         source = local
+        if remote:
+            raise ValueError(f"remote=True runs on NDIF, which hosts hub models by their hub id; {local} is a local "
+                             "folder. Load the hub id with remote=True, or pass lazy=True to build the folder's "
+                             "model without reading its weights.")
 
     try:
-        hf_model, tok = _from_pretrained(source, tokenizer, revision, dtype, quiet=local.exists())
+        if remote or lazy:
+            tok = tokenizer or transformers.AutoTokenizer.from_pretrained(source, revision=revision)
+            m = Model.lazy(source, tok, name, revision=revision, dtype=dtype, device=device)
+        else:
+            hf_model, tok = _from_pretrained(source, tokenizer, revision, dtype, quiet=local.exists())
+            m = Model(hf_model.to(device), tok, name=name, folder=source if isinstance(source, Path) else None)
     except Exception as error:
         if local.exists():
             weights = sorted(p.name for p in local.glob("*.safetensors")) or ["(no *.safetensors file)"]
@@ -311,5 +402,5 @@ def load(
             "il.load(hf_model, tokenizer=tok)."
         ) from error
     if tokenizer is None:
-        _check_tokenizer(tok, hf_model.config.vocab_size, name)
-    return Model(hf_model.to(device), tok, name=name)
+        _check_tokenizer(tok, m.config.vocab_size, name)
+    return m

@@ -131,14 +131,16 @@ def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool
     acts, outs, scores = [], [], []
     for start in range(0, tokens.shape[0], batch_size):
         chunk = tokens[start : start + batch_size]
-        a, o = [], []  # made outside the trace: nnsight pushes back only saved values, not new lists
+        # Stacked and saved inside the trace, so a remote run sends back three tensors.
         with torch.no_grad(), m.nn.trace(chunk, remote=remote, logits_to_keep=1):
+            a, o = [], []
             for layer in range(m.n_layers):  # in execution order, as nnsight requires
-                a.append(getattr(_envoy(m, where, layer), where.side).save())
-                o.append(blocks[layer].output.save())
+                a.append(getattr(_envoy(m, where, layer), where.side))
+                o.append(blocks[layer].output)
+            a, o = torch.stack(a).save(), torch.stack(o).save()
             logits = m.nn.output.logits[:, -1].save()
-        acts.append(torch.stack(a))
-        outs.append(torch.stack(o))
+        acts.append(a)
+        outs.append(o)
         scores.append(metrics.apply(metric, logits, torch.arange(start, start + chunk.shape[0])))
     return torch.cat(acts, 1), torch.cat(outs, 1), torch.cat(scores)
 

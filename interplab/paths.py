@@ -50,11 +50,17 @@ def _parse_receivers(m: Model, receivers: str | list[str]) -> list:
             parsed.append(("logits",))
         elif re.fullmatch(r"m\d+", name) and int(name[1:]) < m.n_layers:
             parsed.append(("mlp", int(name[1:])))
-        elif head and int(head[1]) < m.n_layers and int(head[2]) < m.n_heads:
-            parsed += [("head", int(head[1]), int(head[2]), s) for s in (head[3] or _SLOTS)]
+        elif head and int(head[1]) < m.n_layers and int(head[2]) < (m.n_kv_heads if head[3] in ("k", "v")
+                                                                        else m.n_heads):
+            layer, h = int(head[1]), int(head[2])
+            if head[3]:
+                parsed.append(("head", layer, h, head[3]))
+            else:  # every receiver the head reads: its query, and its group's key and value (GQA)
+                parsed += [("head", layer, h, "q")] + [("head", layer, edgewise.kv_head(m, h), s) for s in "kv"]
         else:
             raise ValueError(f"unknown receiver {name!r}; use 'logits', 'm{{layer}}', 'a{{layer}}.h{{head}}' "
-                             f"or 'a{{layer}}.h{{head}}<q|k|v>' with layer < {m.n_layers}, head < {m.n_heads}")
+                             f"or 'a{{layer}}.h{{head}}<q|k|v>' with layer < {m.n_layers}, head < {m.n_heads} "
+                             f"(< {m.n_kv_heads} kv heads for <k> and <v>)")
     return parsed
 
 
@@ -83,17 +89,18 @@ class _Freeze(edgewise.Hooks):
 class _Receive(edgewise.Hooks):
     """Step 2: the base run with only the receivers' inputs replaced by step 1's recordings."""
 
-    def __init__(self, receivers: list, recorded: _Freeze, n_heads: int):
-        self.receivers, self.recorded, self.n_heads = receivers, recorded, n_heads
+    def __init__(self, receivers: list, recorded: _Freeze, n_heads: int, n_kv_heads: int):
+        self.receivers, self.recorded = receivers, recorded
+        self.offset = {"q": 0, "k": n_heads, "v": n_heads + n_kv_heads}  # receiver index of head 0's slot
+        self.n_receivers = n_heads + 2 * n_kv_heads
 
     def qkv_input(self, layer, resid):
-        chosen = [(r[2], _SLOTS.index(r[3])) for r in self.receivers if r[0] == "head" and r[1] == layer]
+        chosen = [self.offset[r[3]] + r[2] for r in self.receivers if r[0] == "head" and r[1] == layer]
         if not chosen:
-            return resid[:, None, None]
+            return resid[:, None]
         B, T, D = resid.shape
-        x = resid[:, None, None].expand(B, 3, self.n_heads, T, D).clone()
-        for head, slot in chosen:
-            x[:, slot, head] = self.recorded.resid_pre[layer]
+        x = resid[:, None].expand(B, self.n_receivers, T, D).clone()
+        x[:, chosen] = self.recorded.resid_pre[layer][:, None]
         return x
 
     def mlp_input(self, layer, resid):
@@ -111,7 +118,7 @@ def _heads(record: edgewise.Record) -> list[torch.Tensor]:
 @torch.no_grad()
 def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode: str = "denoising",
                batch_size: int = 16, senders_per_run: int = 16, normalize: bool = True,
-               metric: Metric | None = None) -> Scores:
+               metric: Metric | None = None, remote: bool = False) -> Scores:
     """Path-patching effect of every head (sender) on `receivers`: Scores over (layer, head).
 
     mode "denoising" (default): base = corrupt prompt, sender from the clean one; score
@@ -119,10 +126,13 @@ def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode
     clean, sender from corrupt; score `(m_clean - m_patched) / (m_clean - m_corrupt)`. Either way
     +1 means the path carries the whole clean-vs-corrupt effect; `normalize=False` leaves out the
     division. A head at or after the last receiver's layer has no path to it and scores 0.
-    `metric`: a `metrics.Metric` (default: the task's logit difference).
+    Under grouped-query attention `a{l}.h{g}<k|v>` names kv head g, and a bare `a{l}.h{h}` means
+    head h's query and its group's key and value (which the other heads of the group read too).
+    `metric`: a `metrics.Metric` (default: the task's logit difference). `remote=True` raises: the
+    edge-wise forward runs outside nnsight.
     """
     check_mode(mode)
-    circuits.check(m, task, batch_size)
+    circuits.check(m, task, batch_size, remote=remote, function="paths.path_patch")
     checks.batch_size(senders_per_run, "senders_per_run")
     parsed = _parse_receivers(m, receivers)
     metric = metric or metrics.task_metric(task)
@@ -142,7 +152,7 @@ def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode
             freeze = _Freeze(_heads(base), _heads(source), senders)
             rows = edgewise.embed(m, base_tokens.repeat(len(senders), 1))
             edgewise.run(m, rows, freeze)
-            logits = edgewise.run(m, rows, _Receive(parsed, freeze, H))
+            logits = edgewise.run(m, rows, _Receive(parsed, freeze, H, m.n_kv_heads))
             values = metrics.apply(metric, logits, circuits.examples(start, part, len(senders)))
             totals[first:first + len(senders)] += values.view(len(senders), -1).sum(1).double().cpu()
             progress.update()
@@ -173,6 +183,7 @@ class Hypothesis:
     def of(cls, circuit: Circuit, limit: int = 100_000) -> Hypothesis:
         """Every complete input-to-logits path made of the circuit's edges (an error past `limit`)."""
         graph, found = circuit.graph, []
+        _check_no_gqa(graph)
 
         def extend(suffix: tuple[str, ...]):
             r = graph.receiver_index(suffix[0])
@@ -189,6 +200,15 @@ class Hypothesis:
 
         extend(("logits",))
         return cls(tuple(found))
+
+
+def _check_no_gqa(graph: Graph) -> None:
+    """Path hypotheses name a head's own q/k/v inputs, which grouped-query attention shares between heads."""
+    if graph.n_kv_heads != graph.n_heads:
+        raise NotImplementedError(
+            f"path hypotheses are not defined under grouped-query attention ({graph.n_heads} query heads over "
+            f"{graph.n_kv_heads} kv heads: a key/value receiver feeds several heads); test a Circuit instead "
+            "(paths.test(m, task, circuit) or circuits.faithfulness)")
 
 
 def _slots_of(node: str) -> list[str]:
@@ -249,18 +269,21 @@ class _Treeified:
 
 @torch.no_grad()
 def test(m: Model, task: Task, hypothesis: Hypothesis | Circuit, batch_size: int = 32,
-         metric: Metric | None = None) -> float:
+         metric: Metric | None = None, remote: bool = False) -> float:
     """Proportion of the clean-vs-corrupt effect explained: (m_hyp - m_corrupt) / (m_clean - m_corrupt).
 
     A `Circuit` is tested as its edge set (every path made only of its edges), which is its
-    `circuits.faithfulness`. A `Hypothesis` is tested path by path, treeified.
+    `circuits.faithfulness`. A `Hypothesis` is tested path by path, treeified. `remote=True` raises:
+    the edge-wise forward runs outside nnsight.
     """
+    checks.local_only(remote, "paths.test", edgewise.LOCAL_ONLY)
     if isinstance(hypothesis, Circuit):
         return circuits.faithfulness(m, task, hypothesis, batch_size, metric)
     if not isinstance(hypothesis, Hypothesis):
         raise TypeError(f"test takes a paths.Hypothesis or a Circuit, got {type(hypothesis).__name__}")
     circuits.check(m, task, batch_size)
     graph = Graph.from_model(m)
+    _check_no_gqa(graph)
     for path in hypothesis.paths:
         for sender, receiver in zip(path, path[1:]):
             graph.edge_mask([(_node(sender), receiver)])  # raises on a non-edge

@@ -85,22 +85,23 @@ def collect(
 
 
 def _collect_batch(m, tokens: torch.Tensor, site: str, pos: int, remote: bool) -> torch.Tensor:
-    saved = []
-    with m.nn.trace(tokens, remote=remote):
+    # Stacked and saved inside the trace: a remote run sends back that one tensor.
+    with torch.no_grad(), m.nn.trace(tokens, remote=remote):
+        per_layer = []
         for layer in range(m.n_layers):
             if site == "resid":
                 out = m.envoy(f"{m.spec.blocks}.{layer}").output
                 out = out[0] if isinstance(out, tuple) else out  # (B, T, d_model)
-                saved.append(out[:, pos].save())
+                per_layer.append(out[:, pos])
             else:
-                saved.append(m.envoy(m.spec.head_values, layer).input[:, pos].save())  # (B, nh*hs)
-    acts = torch.stack([s.detach().float().cpu() for s in saved], dim=1)  # (B, L, d)
+                per_layer.append(m.envoy(m.spec.head_values, layer).input[:, pos])  # (B, nh*hs)
+        acts = torch.stack(per_layer, dim=1).float().cpu().save()  # (B, L, d)
     if site == "heads":
         acts = acts.view(acts.shape[0], m.n_layers, m.n_heads, m.d_head)  # (B, L, nh, hs)
     return acts
 
 
-def task_activations(m, task, site: str = "resid", pos: int = -1, batch_size: int = 64):
+def task_activations(m, task, site: str = "resid", pos: int = -1, batch_size: int = 64, remote: bool = False):
     """Clean prompts labelled 1 and corrupt prompts labelled 0, with a group per row.
 
     Returns `(x [2n, ...], y [2n] bool, groups [2n])`: pass `groups` to `fit`/`sweep`
@@ -109,7 +110,7 @@ def task_activations(m, task, site: str = "resid", pos: int = -1, batch_size: in
     corrupt prompt), always land in the same split.
     """
     tokens = torch.cat([task.clean, task.corrupt])
-    x = collect(m, tokens, site=site, pos=pos, batch_size=batch_size)
+    x = collect(m, tokens, site=site, pos=pos, batch_size=batch_size, remote=remote)
     n = len(task)
     y = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
     same_prompt = torch.unique(tokens.cpu(), dim=0, return_inverse=True)[1]

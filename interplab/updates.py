@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import training
+from . import checks, training
 from .model import Model
 from .scores import Scores
 from .tasks import Task
@@ -161,7 +161,8 @@ def random_components(m: Model, like: list[str], n_draws: int, seed: int, match:
     return draws
 
 
-def foresight_scores(m: Model, loss_fn: LossFn, batches: int = 4, kind: str = "grad_x_weight") -> Scores:
+def foresight_scores(m: Model, loss_fn: LossFn, batches: int = 4, kind: str = "grad_x_weight",
+                     remote: bool = False) -> Scores:
     """Predict, from the step-0 model alone, which components fine-tuning on `loss_fn` will use.
 
     The gradients `g_b` of `loss_fn(m.hf, b)` for the first `batches` steps of the fine-tuning data, at the
@@ -170,7 +171,10 @@ def foresight_scores(m: Model, loss_fn: LossFn, batches: int = 4, kind: str = "g
     kind="fisher": `mean_b g_b**2` (a diagonal empirical Fisher over minibatch gradients: where the loss is
     most sensitive to the weights). Sums, not means: an MLP has more parameters than
     a head and gets more weight. Returns `Scores` with dims ("component",) labelled `component_names(m)`.
+    Local only (`remote=True` raises).
     """
+    checks.local_only(remote, "updates.foresight_scores", "it differentiates loss_fn(m.hf, b), a plain "
+                      "forward outside nnsight, with respect to every weight")
     if kind not in ("grad_x_weight", "fisher"):
         raise ValueError(f"kind must be 'grad_x_weight' or 'fisher', got {kind!r}")
     if batches < 1:
@@ -305,6 +309,7 @@ def update_experiment(
     n_random: int = 20,
     draw_seed: int = 0,
     match: str = "layer",
+    remote: bool = False,
 ) -> UpdateResult:
     """Fine-tune `m` on one target task five ways and measure what each way did.
 
@@ -324,8 +329,12 @@ def update_experiment(
     (padding positions left out).
     Intervals are 95% Student-t over seeds (Random: over draws); the p-value is a two-sided permutation
     test (`scipy.stats.permutation_test`, difference of means) of target gain, Static runs vs Random draws.
+    Local only (`remote=True` raises).
     """
     from scipy import stats
+
+    checks.local_only(remote, "updates.update_experiment", "it fine-tunes copies of the model's weights here "
+                      "(training.train / train_masked)")
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must name at least one seed, each once; got {seeds}")
