@@ -36,13 +36,7 @@ STATIC = ["a1.h2", "a2.h0", "a3.h1", "m2"]
 
 
 def register_loss(m: il.Model, batch: int):
-    task = il.tasks.make("register", m, n=256, seed=100)
-
-    def loss_fn(model, step):
-        rows = (torch.arange(batch) + step * batch) % len(task)
-        return torch.nn.functional.cross_entropy(model(task.clean[rows]).logits[:, -1], task.answer[rows])
-
-    return loss_fn
+    return training.answer_loss(il.tasks.make("register", m, n=256, seed=100), batch)
 
 
 def timed(fn):

@@ -48,6 +48,23 @@ def lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def answer_loss(task, batch: int, seed: int | None = None) -> Callable[[torch.nn.Module, int], torch.Tensor]:
+    """Fine-tuning on a task's answers: `loss_fn(model, step)` is the mean cross-entropy of the answer token
+    at the final position over `batch` clean prompts, taken in order (or in a `seed`ed permutation) and
+    cycling, so step s always sees the same rows whichever run asks."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1 prompt, got {batch}")
+    n = len(task)
+    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+    def loss_fn(model, step):
+        rows = order[(torch.arange(batch) + step * batch) % n]
+        logits = model(task.clean[rows]).logits[:, -1]  # (batch, V)
+        return F.cross_entropy(logits, task.answer[rows].to(logits.device))
+
+    return loss_fn
+
+
 def cosine_lr(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup

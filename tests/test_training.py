@@ -47,3 +47,30 @@ def test_grad_mask_updates_only_masked_entries():
     with pytest.raises(KeyError, match="does not have"):
         training.train(model, lambda mdl, step: training.lm_loss(mdl, tokens, tokens), steps=1, lr=1e-2,
                        grad_mask={"nope": mask})
+
+
+def test_answer_loss_cycles_rows_and_is_the_answer_cross_entropy():
+    """By hand: a 'model' whose logits put the answer's log-prob at a known value per row."""
+    import interplab as il
+
+    clean = torch.arange(5)[:, None].repeat(1, 3)  # row i is [i, i, i]
+    answer = torch.tensor([1, 0, 2, 1, 0])
+    task = il.Task("toy", clean, clean, answer, answer, [], [])
+
+    class Echo(torch.nn.Module):  # logits at the last position: row r gets r on every class
+        def forward(self, tokens):
+            logits = tokens[..., None].float().expand(*tokens.shape, 3).clone()
+            logits[:, -1, 0] += 1.0  # class 0 one above the others
+            return type("Out", (), {"logits": logits})()
+
+    loss = training.answer_loss(task, batch=2)
+    p0, p_other = math.exp(1) / (math.exp(1) + 2), 1 / (math.exp(1) + 2)
+    # step 2 takes rows 4 and 0 (cycling): answers 0 and 1
+    assert loss(Echo(), 2).item() == pytest.approx(-(math.log(p0) + math.log(p_other)) / 2)
+    # a seed permutes the rows: a full batch has the same mean, a partial one takes the permutation's rows
+    assert training.answer_loss(task, 5, seed=3)(Echo(), 0).item() == pytest.approx(training.answer_loss(task, 5)(Echo(), 0).item())
+    first = torch.randperm(5, generator=torch.Generator().manual_seed(3))[0].item()
+    expect = -math.log(p0 if answer[first] == 0 else p_other)
+    assert training.answer_loss(task, 1, seed=3)(Echo(), 0).item() == pytest.approx(expect)
+    with pytest.raises(ValueError, match="batch"):
+        training.answer_loss(task, batch=0)

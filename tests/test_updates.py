@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import interplab as il
 from interplab import training, updates
@@ -129,13 +129,7 @@ def test_random_components_match_the_static_mix(base):
 
 
 def ioi_loss(m: il.Model, n: int = 64, batch: int = 8):
-    task = il.tasks.make("ioi", m, n=n, seed=5)
-
-    def loss_fn(model, step):
-        rows = (torch.arange(batch) + step * batch) % n
-        return torch.nn.functional.cross_entropy(model(task.clean[rows]).logits[:, -1], task.answer[rows])
-
-    return loss_fn
+    return training.answer_loss(il.tasks.make("ioi", m, n=n, seed=5), batch)
 
 
 def test_batched_masked_runs_equal_sequential_runs(base):
