@@ -12,6 +12,10 @@ straddle layers, and a patch at layer l leaves blocks < l exactly as in the
 unpatched base run, so (`reuse_prefix=True`) those blocks are skipped and the
 cached base output of block l-1 is fed to block l. This is exact for every
 family: rotary tables and attention masks are built outside the blocks.
+Attention is causal, so a patch at position p also leaves positions < p
+unchanged: per-position sweeps (`reuse_positions=True`) group rows by p, run
+only positions >= p, and give the model the base run's keys and values of
+positions < p as its cache (the model applies the rotary offsets itself).
 
 Sites (the activation patched at one layer, and its columns per head):
 
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache
 
 from . import checks, metrics
 from .metrics import Metric
@@ -122,36 +127,54 @@ def effect(patched: torch.Tensor, clean: float, corrupt: float, mode: str, norma
     return raw / (clean - corrupt) if normalize else raw
 
 
-def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool):
-    """One unpatched run over all examples: per-layer site activations, block outputs, metric.
+def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool, keep_kv: bool = False):
+    """One unpatched run over all examples: per-layer site activations, block outputs, metric and, with
+    `keep_kv`, the attention keys/values.
 
-    Returns acts `[n_layers, n, seq, width]`, block outputs `[n_layers, n, seq, d_model]`, metric `[n]`.
+    Returns acts `[n_layers, n, seq, width]`, block outputs `[n_layers, n, seq, d_model]`, metric `[n]`,
+    and kv `[2, n_layers, n, n_kv_heads, seq, d_head]` (after rotary, as the model caches them) or None.
     """
     blocks = m.envoy(m.spec.blocks)
-    acts, outs, scores = [], [], []
+    acts, outs, scores, kvs = [], [], [], []
     for start in range(0, tokens.shape[0], batch_size):
         chunk = tokens[start : start + batch_size]
         # Stacked and saved inside the trace, so a remote run sends back three tensors.
-        with torch.no_grad(), m.nn.trace(chunk, remote=remote, logits_to_keep=1):
+        with torch.no_grad(), m.nn.trace(chunk, remote=remote, logits_to_keep=1, use_cache=keep_kv):
             a, o = [], []
             for layer in range(m.n_layers):  # in execution order, as nnsight requires
                 a.append(getattr(_envoy(m, where, layer), where.side))
                 o.append(blocks[layer].output)
             a, o = torch.stack(a).save(), torch.stack(o).save()
             logits = m.nn.output.logits[:, -1].save()
+            cache = m.nn.output.past_key_values.save() if keep_kv else None
         acts.append(a)
         outs.append(o)
         scores.append(metrics.apply(metric, logits, torch.arange(start, start + chunk.shape[0])))
-    return torch.cat(acts, 1), torch.cat(outs, 1), torch.cat(scores)
+        if keep_kv:
+            kvs.append(torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers], 1))
+    kv = torch.cat(kvs, 2) if keep_kv else None
+    return torch.cat(acts, 1), torch.cat(outs, 1), torch.cat(scores), kv
 
 
-def _patched_run(m, where: Site, layer: int, tokens, mask, source, prefix, remote: bool) -> torch.Tensor:
-    """One trace: row i gets `where(mask[i], source[i], activation[i])` at `layer`. Final logits `[B, d_vocab]`.
+def _past(m, kv: torch.Tensor, examples: torch.Tensor, start: int) -> DynamicCache:
+    """The base run's keys/values of positions `< start` for rows `examples`, as the model's cache."""
+    picked = kv[:, :, examples, :, :start]  # (2, n_layers, B, n_kv_heads, start, d_head)
+    return DynamicCache(list(zip(picked[0], picked[1])), config=m.hf.config)
 
-    `prefix` `[B, seq, d_model]`, if given, is the base output of block `layer - 1`: blocks < layer are skipped.
+
+def _patched_run(m, where: Site, layer: int, tokens, mask, source, prefix, past, remote: bool,
+                 unembed: bool) -> torch.Tensor:
+    """One trace: row i gets `where(mask[i], source[i], activation[i])` at `layer`.
+
+    Returns the final position's logits `[B, d_vocab]`, or with `unembed=False` the unembedding's input
+    there, `[B, d_model]` (the unembedding is skipped). `prefix` `[B, T, d_model]`, if given, is the base
+    output of block `layer - 1`: blocks < layer are skipped. `past`, if given, caches the base keys/values
+    of the positions before `tokens`, which are then the prompt's last T positions (and `mask`, `source`,
+    `prefix` cover those T positions only).
     """
-    blocks = m.envoy(m.spec.blocks)
-    with torch.no_grad(), m.nn.trace(tokens, remote=remote, logits_to_keep=1):
+    blocks, unembedding = m.envoy(m.spec.blocks), m.envoy(m.spec.unembed)
+    cached = dict(past_key_values=past) if past is not None else dict(use_cache=False)
+    with torch.no_grad(), m.nn.trace(tokens, remote=remote, logits_to_keep=1, **cached):
         if prefix is not None:
             for earlier in range(layer):
                 blocks[earlier].skip(prefix)
@@ -160,8 +183,39 @@ def _patched_run(m, where: Site, layer: int, tokens, mask, source, prefix, remot
             target.input = torch.where(mask, source, target.input)
         else:
             target.output = torch.where(mask, source, target.output)
-        logits = m.nn.output.logits[:, -1].save()
-    return logits
+        if unembed:
+            final = m.nn.output.logits[:, -1].save()
+        else:
+            final = unembedding.input[:, -1].save()
+            unembedding.skip(torch.zeros(()))
+    return final
+
+
+class _Unembedding:
+    """Scores the final hidden states of many traces together, `batch_size` rows at a time.
+
+    Reading the unembedding's weights dominates its cost on small batches, so one call per
+    `batch_size` rows beats one per trace when position reuse makes the traces small.
+    """
+
+    def __init__(self, m, metric: Metric, out: torch.Tensor, batch_size: int):
+        self.unembed, self.metric, self.out, self.batch_size = m.module(m.spec.unembed), metric, out, batch_size
+        self.waiting: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, layer: int, rows: torch.Tensor, examples: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.waiting.append((layer, rows, examples, hidden))
+        if sum(len(w[1]) for w in self.waiting) >= self.batch_size:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if not self.waiting:
+            return
+        layers, rows, examples, hidden = zip(*self.waiting)
+        values = metrics.apply(self.metric, self.unembed(torch.cat(hidden)), torch.cat(examples))
+        for layer, r, v in zip(layers, rows, values.split([len(r) for r in rows])):
+            self.out[layer, r] = v.to(self.out.dtype).cpu()
+        self.waiting = []
 
 
 def sweep(
@@ -174,6 +228,7 @@ def sweep(
     metric: Metric | None = None,
     batch_size: int = 256,
     reuse_prefix: bool = True,
+    reuse_positions: bool = True,
     remote: bool = False,
     progress: bool = True,
 ) -> Scores:
@@ -189,6 +244,11 @@ def sweep(
     single examples have a small gap); `normalize=False` leaves out the division.
     The gap is checked before the sweep runs. `batch_size` bounds the rows
     (component x example) per forward pass.
+
+    `reuse_prefix` and `reuse_positions` change the speed, not the values: the first skips
+    the blocks before the patched layer, the second (per-position sweeps, local runs) starts
+    a row at its patched position and takes the earlier positions' keys/values from the base
+    run's cache.
     """
     check_mode(mode)
     checks.task(m, task)
@@ -199,8 +259,10 @@ def sweep(
     clean_tokens, corrupt_tokens = task.clean.to(m.device), task.corrupt.to(m.device)
     base, source = (corrupt_tokens, clean_tokens) if mode == "denoising" else (clean_tokens, corrupt_tokens)
 
-    source_acts, _, source_metric = _cache(m, source, where, metric, batch_size, remote)
-    _, base_outs, base_metric = _cache(m, base, where, metric, batch_size, remote)
+    # A cache object cannot be sent to NDIF, so remote sweeps reuse the prefix only.
+    keep_kv = reuse_positions and per_position and not remote
+    source_acts, _, source_metric, _ = _cache(m, source, where, metric, batch_size, remote)
+    _, base_outs, base_metric, base_kv = _cache(m, base, where, metric, batch_size, remote, keep_kv)
     clean_metric, corrupt_metric = (source_metric, base_metric) if mode == "denoising" else (base_metric,
                                                                                              source_metric)
     metrics.check_gap(clean_metric, corrupt_metric, normalize, f"the {task.name} task")
@@ -213,15 +275,27 @@ def sweep(
     rows = torch.arange(n_units * n_pos * n)
     unit_of, pos_of, example_of = rows // (n_pos * n), rows // n % n_pos, rows % n
 
-    batches = [(layer, rows[s : s + batch_size]) for layer in range(m.n_layers)
-               for s in range(0, len(rows), batch_size)]
+    # Causal attention: a patch at position p leaves every position before p as in the base run,
+    # so a row needs computing from `first[row]` on. Batches share one first position.
+    first = pos_of if keep_kv else torch.zeros_like(rows)
+    groups = [rows[first == start] for start in first.unique()]
+    batches = [(layer, group[s : s + batch_size]) for layer in range(m.n_layers) for group in groups
+               for s in range(0, len(group), batch_size)]
     patched = torch.empty(m.n_layers, len(rows), dtype=source_acts.dtype)
+    # Locally the unembedding waits and runs on full batches; a remote run unembeds in its trace.
+    unembedding = _Unembedding(m, metric, patched, batch_size)
     for layer, batch in tqdm(batches, desc=f"patching {kind}", disable=not progress):
-        ex = example_of[batch]
+        ex, start = example_of[batch], first[batch[0]].item()
         mask = positions[pos_of[batch]][:, :, None] & columns[unit_of[batch]][:, None, :]  # (B, seq, width)
-        prefix = base_outs[layer - 1][ex] if reuse_prefix and layer > 0 else None
-        logits = _patched_run(m, where, layer, base[ex], mask.to(m.device), source_acts[layer][ex], prefix, remote)
-        patched[layer, batch] = metrics.apply(metric, logits, ex).to(patched.dtype).cpu()
+        prefix = base_outs[layer - 1][ex, start:] if reuse_prefix and layer > 0 else None
+        past = _past(m, base_kv, ex, start) if start > 0 else None
+        final = _patched_run(m, where, layer, base[ex, start:], mask[:, start:].to(m.device),
+                             source_acts[layer][ex, start:], prefix, past, remote, unembed=remote)
+        if remote:
+            patched[layer, batch] = metrics.apply(metric, final, ex).to(patched.dtype).cpu()
+        else:
+            unembedding.add(layer, batch, ex, final)
+    unembedding.flush()
 
     values = patched.view(m.n_layers, n_units, n_pos, n).mean(-1)  # (n_layers, n_units, n_pos)
     values = effect(values, clean_metric.mean().item(), corrupt_metric.mean().item(), mode, normalize)

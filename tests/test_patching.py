@@ -140,10 +140,13 @@ CASES = [("resid", True), ("attn_out", True), ("attn_out", False), ("mlp_out", T
 def test_sweep_matches_brute_force(setup, kind, per_position, mode):
     m, task = setup
     raw, clean, corrupt = brute_force(m, task, kind, per_position, mode)
-    # Normalized with prefix reuse in one big batch; raw without reuse in small batches that split layers' rows.
-    for normalize, reuse, batch_size in [(True, True, 256), (False, False, 7 if not per_position else 29)]:
+    # Normalized with every reuse in one big batch; raw without reuse in small batches that split layers'
+    # rows; cached keys/values without the prefix skip, and the prefix skip alone.
+    runs = [(True, True, True, 256), (False, False, False, 7 if not per_position else 29), (True, False, True, 5),
+            (True, True, False, 256)]
+    for normalize, prefix, positions, batch_size in runs:
         got = patching.sweep(m, task, kind, per_position=per_position, mode=mode, normalize=normalize,
-                             reuse_prefix=reuse, batch_size=batch_size, progress=False)
+                             reuse_prefix=prefix, reuse_positions=positions, batch_size=batch_size, progress=False)
         # One sign in both modes: +1 (normalized) when the component carries the whole effect.
         signed = raw - corrupt if mode == "denoising" else clean - raw
         want = signed / (clean - corrupt) if normalize else signed
