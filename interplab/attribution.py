@@ -67,22 +67,35 @@ class Gradients(edgewise.Hooks):
         self.inputs.append(x)
         return x
 
-    def receiver_grads(self, metric: torch.Tensor) -> torch.Tensor:
-        """d metric / d (each receiver's input): `[R, B, T, D]` in Graph receiver order."""
+    def receiver_grads(self, metric: torch.Tensor) -> list[torch.Tensor]:
+        """d metric / d (each receiver's input), in Graph receiver order, one tensor per group of receivers:
+        `[B, H + 2 H_kv, T, D]` for a layer's q, k, v, `[B, 1, T, D]` for an MLP and for the logits."""
         grads = torch.autograd.grad(metric, self.inputs)
-        return torch.cat([g.transpose(0, 1) if g.dim() == 4 else g[None] for g in grads])
+        return [g if g.dim() == 4 else g[:, None] for g in grads]
+
+
+def _edge_products(delta: torch.Tensor, grads: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """`[S, R]`: sum over b, t, d of delta `[S, B, T, D]` times each receiver's gradient (`receiver_grads`).
+
+    One batched matmul over examples per receiver group, so the (large) gradients are read in place,
+    and only with the senders upstream of the group (a prefix in Graph order, from `valid` `[S, R]`):
+    the rest are no edges, and skipping them halves the work."""
+    S, B = delta.shape[:2]
+    senders = delta.transpose(0, 1).reshape(B, S, -1)  # (B, S, T * D)
+    out = delta.new_zeros(valid.shape)
+    col = 0
+    for g in grads:
+        width = g.shape[1]
+        reach = valid[:, col:col + width].any(1).nonzero()
+        upstream = int(reach.max()) + 1 if len(reach) else 0
+        receivers = g.reshape(B, width, -1).transpose(1, 2)  # (B, T * D, width), a view
+        out[:upstream, col:col + width] = torch.bmm(senders[:, :upstream], receivers).sum(0)
+        col += width
+    return out
 
 
 def _batches(task: Task, batch_size: int) -> list[tuple[int, Task]]:
     return [(i, task[i : i + batch_size]) for i in range(0, len(task), batch_size)]
-
-
-def _start(m: Model, task: Task, batch_size: int, metric: Metric | None, normalize: bool) -> tuple[Metric, float]:
-    """Checks, then the metric to use and what to divide by: the clean-vs-corrupt gap, or 1 for raw scores."""
-    circuits.check(m, task, batch_size)
-    metric = metric or metrics.task_metric(task)
-    clean, corrupt = circuits.checked_gap(m, task, batch_size, metric, normalize)
-    return metric, (clean - corrupt) if normalize else 1.0
 
 
 def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_size: int = 16,
@@ -93,7 +106,8 @@ def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_si
     interpolations of the input embeddings from corrupt to clean, alpha = k/steps, k = 1..steps).
     A score estimates `m(clean) - m(clean, edge corrupted)` (divided by `m_clean - m_corrupt`
     with `normalize`). `metric`: a `metrics.Metric` (default: the task's logit difference).
-    Cost per batch: one corrupt forward, and one forward and backward per step. `remote=True`
+    Cost per batch: one corrupt forward, and one forward and backward per step (their metrics check
+    that it is finite); with `normalize`, first two forwards per batch for the gap. `remote=True`
     raises: the edge-wise forward runs outside nnsight (`nodes` runs remotely).
     """
     checks.local_only(remote, "attribution.edges", edgewise.LOCAL_ONLY)
@@ -101,31 +115,45 @@ def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_si
         raise ValueError(f"method must be 'EAP' or 'EAP-IG', got {method!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    metric, scale = _start(m, task, batch_size, metric, normalize)
+    circuits.check(m, task, batch_size)
+    metric = metric or metrics.task_metric(task)
+    scale = 1.0
+    if normalize:  # every score is divided by the gap: check it before the sweep, at the cost of two forwards
+        clean, corrupt = circuits.checked_gap(m, task, batch_size, metric, normalize)
+        scale = clean - corrupt
     steps = 1 if method == "EAP" else steps
     graph = Graph.from_model(m)
-    total = 0
+    total, clean_metric, corrupt_metric = 0, [], []
     batches = _batches(task, batch_size)
     for start, part in tqdm(batches, desc=method, disable=len(batches) * steps < 8):
-        total += _edge_batch(m, part, steps, metric, circuits.examples(start, part))
+        scores, clean, corrupt = _edge_batch(m, part, steps, metric, circuits.examples(start, part), graph.valid)
+        total = total + scores
+        clean_metric.append(clean)
+        corrupt_metric.append(corrupt)
+    if not normalize:  # raw scores: the sweep's own clean and corrupt runs show whether the metric is finite
+        metrics.check_gap(torch.cat(clean_metric), torch.cat(corrupt_metric), normalize, f"the {task.name} task")
     scores = (total / len(task) / scale).cpu().float() * graph.valid
     return Circuit.full(graph, scores, {"method": method, "steps": steps, "task": task.name, "normalize": normalize})
 
 
-def _edge_batch(m: Model, part: Task, steps: int, metric: Metric, rows: torch.Tensor) -> torch.Tensor:
-    """Summed-over-examples edge scores `[S, R]` of one batch."""
-    _, corrupt = edgewise.record(m, part.corrupt)
+def _edge_batch(m: Model, part: Task, steps: int, metric: Metric, rows: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed-over-examples edge scores `[S, R]` of one batch, and its clean and corrupt metric `[b]`."""
+    corrupt_logits, corrupt = edgewise.record(m, part.corrupt)
     clean_embeds = edgewise.embed(m, part.clean).detach()
     corrupt_embeds = edgewise.embed(m, part.corrupt).detach()
-    grads = 0
+    grads = None
     for k in range(1, steps + 1):
         hooks = Gradients(edgewise.qkv_receivers(m))
         alpha = k / steps
-        embeds = (corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)).requires_grad_(True)
-        logits = edgewise.run(m, embeds, hooks)
-        grads = grads + hooks.receiver_grads(metrics.apply(metric, logits, rows).sum())
+        embeds = clean_embeds if k == steps else corrupt_embeds + alpha * (clean_embeds - corrupt_embeds)
+        value = metrics.apply(metric, edgewise.run(m, embeds.requires_grad_(True), hooks), rows)
+        step = hooks.receiver_grads(value.sum())
+        grads = step if grads is None else [summed + g for summed, g in zip(grads, step)]
     delta = torch.cat(hooks.outputs) - corrupt.senders()  # clean - corrupt: the last step ran on the clean input
-    return torch.einsum("sbtd,rbtd->sr", delta, grads / steps)
+    clean_metric = value.detach().double().cpu()  # the last step's, on the clean input
+    corrupt_metric = metrics.apply(metric, corrupt_logits, rows).double().cpu()
+    return _edge_products(delta, grads, valid.to(delta.device)) / steps, clean_metric, corrupt_metric
 
 
 def _node_run(m: Model, tokens: torch.Tensor, rows: torch.Tensor, metric: Metric, remote: bool,
