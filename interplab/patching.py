@@ -248,7 +248,7 @@ def sweep(
     `reuse_prefix` and `reuse_positions` change the speed, not the values: the first skips
     the blocks before the patched layer, the second (per-position sweeps, local runs) starts
     a row at its patched position and takes the earlier positions' keys/values from the base
-    run's cache.
+    run's cache; its batches then hold one position's rows, at most `n_units x n` of them.
     """
     check_mode(mode)
     checks.task(m, task)
