@@ -1,6 +1,7 @@
 """Free-evolution metrics against hand-computed values, direct formulas, raw PyTorch hooks and a planted
 migration; the checkpoint series recipe; the checkpoint slider."""
 
+import json
 import math
 
 import pytest
@@ -290,6 +291,10 @@ def test_series_training_is_deterministic(monkeypatch, tmp_path):
         assert all(torch.equal(v, other[k]) for k, v in m.hf.state_dict().items())
     trained = first[-1][1].hf.transformer.h[0].attn.c_attn.weight
     assert not torch.equal(trained, base["transformer.h.0.attn.c_attn.weight"])
+    # Trained with kernels pinned to AVX2 whatever this CPU offers, so other machines get the same bits.
+    log = json.loads((again / "series.json").read_text())
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # x86 with AVX2: pinning applies
+        assert log["cpu_capability"] == "AVX2"
 
 
 # ---- the checkpoint slider ----

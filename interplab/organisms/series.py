@@ -8,8 +8,11 @@ base documents so plain IOI and induction stay there to track.
 
 `python -m interplab.organisms series` trains it into a cache folder, one
 subfolder per checkpoint in Hugging Face layout; `load()` returns
-`[(label, Model), ...]`, training first if the cache is empty. Seeded and on
-one thread, so the same recipe gives bit-identical checkpoints anywhere.
+`[(label, Model), ...]`, training first if the cache is empty. Seeded, on one
+thread, and in a fresh process whose kernels are pinned to AVX2 (`PINNED_NUMERICS`),
+so the same recipe gives bit-identical checkpoints on any x86 machine with AVX2:
+left to choose, torch and MKL use AVX-512 where the CPU has it, and 400 steps
+of training amplify the last-bit differences into different checkpoints.
 The cache is `$INTERPLAB_CACHE/series/<recipe hash>` (default
 `~/.cache/interplab`): nothing is written into the package at run time.
 """
@@ -21,6 +24,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -79,9 +84,30 @@ def _label(step: int) -> str:
     return f"step {step}"
 
 
+# Read by torch, MKL and oneDNN when they start, hence the fresh process in `train`.
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def train(recipe: SeriesRecipe = SeriesRecipe(), out: Path | None = None) -> Path:
-    """Fine-tune `tiny-<parent>` by `recipe`, saving each checkpoint to `out/step_XXXXX`. Returns `out`."""
+    """Fine-tune `tiny-<parent>` by `recipe`, saving each checkpoint to `out/step_XXXXX`. Returns `out`.
+
+    Runs in a fresh Python process with `PINNED_NUMERICS` set, so that the checkpoints do not depend
+    on which vector instructions this machine has.
+    """
     out = Path(out) if out is not None else folder_for(recipe)
+    code = ("import json, sys; from interplab.organisms.series import SeriesRecipe, train_here; "
+            "train_here(SeriesRecipe(**json.loads(sys.argv[1])), sys.argv[2])")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(recipe)), str(out)],
+                          env={**os.environ, **PINNED_NUMERICS})
+    if done.returncode != 0:
+        raise RuntimeError(f"training the series into {out} failed (exit status {done.returncode}); "
+                           "its error is printed above")
+    return out
+
+
+def train_here(recipe: SeriesRecipe, out: Path | str) -> None:
+    """`train`'s body, in this process: bit-identical to `train` only if `PINNED_NUMERICS` were set at start."""
+    out = Path(out)
     tokenizer = build_tokenizer()
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -104,9 +130,9 @@ def train(recipe: SeriesRecipe = SeriesRecipe(), out: Path | None = None) -> Pat
     losses = training.train(model, loss_fn, recipe.steps, recipe.lr, warmup=recipe.warmup, desc="series",
                             on_step=lambda step, loss: save(step + 1) if step + 1 in keep else None)
     log = dict(recipe=asdict(recipe), steps=keep, seconds=round(time.perf_counter() - start, 1),
-               losses=[round(x, 4) for x in losses], torch_threads=torch.get_num_threads())
+               losses=[round(x, 4) for x in losses], torch_threads=torch.get_num_threads(),
+               cpu_capability=torch.backends.cpu.get_cpu_capability())
     (out / "series.json").write_text(json.dumps(log, indent=1))  # written last: marks the series complete
-    return out
 
 
 def load(recipe: SeriesRecipe | None = None, folder: Path | None = None, train_missing: bool = True,
