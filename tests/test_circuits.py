@@ -12,6 +12,7 @@ from interplab.circuits import Circuit, Graph
 from interplab.organisms.tokenizer import build_tokenizer
 from interplab.scores import Scores
 from interplab.tasks import random_tokens
+from raw_hooks import hf_logits
 
 TOL = 1e-5
 
@@ -43,13 +44,7 @@ def setup(tok):
 
 def hf_metric(m, tokens, task, hooks=()):
     """Mean task metric of a plain Hugging Face forward with raw `(module, kind, fn)` hooks."""
-    handles = [getattr(mod, f"register_forward_{kind}hook")(fn) for mod, kind, fn in hooks]
-    try:
-        with torch.no_grad():
-            return task.metric(m.hf(tokens).logits).mean().item()
-    finally:
-        for h in handles:
-            h.remove()
+    return task.metric(hf_logits(m, tokens, hooks)).mean().item()
 
 
 def hf_corrupt_receiver(m, task, receiver):

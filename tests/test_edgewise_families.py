@@ -10,6 +10,7 @@ from interplab import attribution, circuits, edgewise, paths
 from interplab.graph import Circuit, Graph
 from interplab.organisms.tokenizer import build_tokenizer
 from interplab.tasks import random_tokens
+from raw_hooks import hf_logits
 
 TOL = 1e-6
 L, H, H_KV = 2, 4, 2
@@ -67,12 +68,12 @@ def final_norm(m):
 
 
 def receiver_hooks(m, receiver, new_input):
-    """Raw hooks making `receiver`'s input (before its norm) `new_input(x)`, x its input in this run."""
+    """Raw `(module, kind, fn)` hooks making `receiver`'s input (before its norm) `new_input(x)`, x its input in this run."""
     if receiver == "logits":
-        return [final_norm(m).register_forward_pre_hook(lambda mod, args: (new_input(args[0]),))]
+        return [(final_norm(m), "pre_", lambda mod, args: (new_input(args[0]),))]
     if receiver.startswith("m"):
         norm = norms(m, int(receiver[1:]))[1]
-        return [norm.register_forward_pre_hook(lambda mod, args: (new_input(args[0]),))]
+        return [(norm, "pre_", lambda mod, args: (new_input(args[0]),))]
     layer, head, slot = int(receiver[1]), int(receiver[4]), receiver[6]
     norm = norms(m, layer)[0]
     module, cols = projection(m, layer, slot, head)
@@ -84,18 +85,7 @@ def receiver_hooks(m, receiver, new_input):
         out[..., cols] = torch.nn.functional.linear(normed, mod.weight, mod.bias)[..., cols]
         return out
 
-    return [norm.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0])),
-            module.register_forward_hook(moved)]
-
-
-def hf_run(m, tokens, hooks=(), grad=False):
-    handles = [h for make in hooks for h in make()]
-    try:
-        with torch.set_grad_enabled(grad):
-            return m.hf(tokens).logits
-    finally:
-        for h in handles:
-            h.remove()
+    return [(norm, "pre_", lambda mod, args: seen.__setitem__("x", args[0])), (module, "", moved)]
 
 
 def out_proj(m, layer):
@@ -106,8 +96,7 @@ def out_proj(m, layer):
 def hf_record(m, tokens):
     """Sender outputs {"input", "a{l}.h{h}", "m{l}": [B, T, D]} and receiver inputs {receiver: [B, T, D]}."""
     senders, inputs, hooks = {}, {}, []
-    hooks.append(lambda: [m.module(m.spec.embed).register_forward_hook(
-        lambda mod, a, o: senders.__setitem__("input", o))])
+    hooks.append((m.module(m.spec.embed), "", lambda mod, a, o: senders.__setitem__("input", o)))
     for l in range(L):
         def per_head(mod, args, l=l):
             z = args[0].view(*args[0].shape[:2], H, m.d_head)  # (B, T, H, dh)
@@ -115,13 +104,12 @@ def hf_record(m, tokens):
                 senders[f"a{l}.h{h}"] = z[:, :, h] @ mod.weight[:, h * m.d_head:(h + 1) * m.d_head].T
 
         attn_norm, mlp_norm = norms(m, l)
-        hooks += [lambda l=l, f=per_head: [out_proj(m, l).register_forward_pre_hook(f)],
-                  lambda l=l: [m.block(l).mlp.register_forward_hook(lambda mod, a, o: senders.__setitem__(f"m{l}", o))],
-                  lambda n=attn_norm, l=l: [n.register_forward_pre_hook(lambda mod, a: inputs.__setitem__(l, a[0]))],
-                  lambda n=mlp_norm, l=l: [n.register_forward_pre_hook(
-                      lambda mod, a: inputs.__setitem__(f"m{l}", a[0]))]]
-    hooks.append(lambda: [final_norm(m).register_forward_pre_hook(lambda mod, a: inputs.__setitem__("logits", a[0]))])
-    hf_run(m, tokens, hooks)
+        hooks += [(out_proj(m, l), "pre_", per_head),
+                  (m.block(l).mlp, "", lambda mod, a, o, l=l: senders.__setitem__(f"m{l}", o)),
+                  (attn_norm, "pre_", lambda mod, a, l=l: inputs.__setitem__(l, a[0])),
+                  (mlp_norm, "pre_", lambda mod, a, l=l: inputs.__setitem__(f"m{l}", a[0]))]
+    hooks.append((final_norm(m), "pre_", lambda mod, a: inputs.__setitem__("logits", a[0])))
+    hf_logits(m, tokens, hooks)
     return senders, inputs
 
 
@@ -135,7 +123,7 @@ def test_edgewise_forward_with_no_patches_is_the_hugging_face_forward(setup):
     m, task = setup
     with torch.no_grad():
         mine = edgewise.run(m, edgewise.embed(m, task.clean))
-    assert torch.allclose(mine, hf_run(m, task.clean), atol=TOL, rtol=0)
+    assert torch.allclose(mine, hf_logits(m, task.clean), atol=TOL, rtol=0)
 
 
 def test_graph_counts_nodes_and_edges_by_hand(setup):
@@ -162,8 +150,8 @@ def eap_reference(m, task):
     corrupt, _ = hf_record(m, task.corrupt)
     eps = {r: torch.zeros(task.clean.shape + (m.d_model,), dtype=torch.float64, requires_grad=True)
            for r in g.receivers}
-    hooks = [lambda r=r: receiver_hooks(m, r, lambda x, r=r: x + eps[r]) for r in g.receivers]
-    value = task.metric(hf_run(m, task.clean, hooks, grad=True)).sum()
+    hooks = [hook for r in g.receivers for hook in receiver_hooks(m, r, lambda x, r=r: x + eps[r])]
+    value = task.metric(hf_logits(m, task.clean, hooks, grad=True)).sum()
     grads = dict(zip(g.receivers, torch.autograd.grad(value, list(eps.values()))))
     expected = torch.zeros(g.valid.shape, dtype=torch.float64)
     for s, sender in enumerate(g.senders):
@@ -204,8 +192,8 @@ def test_full_graph_is_the_clean_run_and_empty_circuit_the_corrupt_run(setup):
     g = Graph.from_model(m)
     full, empty = Circuit.full(g), Circuit(g, torch.zeros(g.valid.shape), torch.zeros_like(g.valid))
     values = circuits.circuit_metrics(m, task, [full, empty], batch_size=2)
-    assert values.tolist() == pytest.approx([task.metric(hf_run(m, task.clean)).mean().item(),
-                                             task.metric(hf_run(m, task.corrupt)).mean().item()], abs=1e-5)
+    assert values.tolist() == pytest.approx([task.metric(hf_logits(m, task.clean)).mean().item(),
+                                             task.metric(hf_logits(m, task.corrupt)).mean().item()], abs=1e-5)
     assert circuits.faithfulness(m, task, [full, empty]).tolist() == pytest.approx([1, 0], abs=1e-5)
 
 
@@ -217,7 +205,7 @@ def test_corrupting_every_edge_into_a_receiver_is_patching_its_input(setup, rece
     mask[:, g.receiver_index(receiver)] = False
     got = circuits.circuit_metrics(m, task, [Circuit(g, mask.float(), mask)])[0].item()
     _, corrupt = hf_record(m, task.corrupt)
-    patched = hf_run(m, task.clean, [lambda: receiver_hooks(m, receiver, lambda x: recorded_input(corrupt, receiver))])
+    patched = hf_logits(m, task.clean, receiver_hooks(m, receiver, lambda x: recorded_input(corrupt, receiver)))
     assert got == pytest.approx(task.metric(patched).mean().item(), abs=1e-5)
 
 
@@ -226,9 +214,9 @@ def brute_force_path_patch(m, task, sender, receivers):
     head's output frozen to its corrupt value but `sender` (l, h) from the clean run, recording the
     receivers' inputs; (2) the corrupt run with only those inputs replaced."""
     def z_of(tokens):
-        zs, hooks = {}, [lambda l=l: [out_proj(m, l).register_forward_pre_hook(
-            lambda mod, a, l=l: zs.__setitem__(l, a[0].clone()))] for l in range(L)]
-        hf_run(m, tokens, hooks)
+        zs = {}
+        hooks = [(out_proj(m, l), "pre_", lambda mod, a, l=l: zs.__setitem__(l, a[0].clone())) for l in range(L)]
+        hf_logits(m, tokens, hooks)
         return zs
 
     z_base, z_source = z_of(task.corrupt), z_of(task.clean)
@@ -239,20 +227,19 @@ def brute_force_path_patch(m, task, sender, receivers):
         z = z_base[l].clone()
         if l == layer:
             z[..., cols] = z_source[l][..., cols]
-        return [out_proj(m, l).register_forward_pre_hook(lambda mod, a: (z,))]
+        return (out_proj(m, l), "pre_", lambda mod, a: (z,))
 
     recorded = {}
-    record = [lambda: [final_norm(m).register_forward_pre_hook(lambda mod, a: recorded.__setitem__("logits", a[0]))]]
+    record = [(final_norm(m), "pre_", lambda mod, a: recorded.__setitem__("logits", a[0]))]
     for l in range(L):
         attn_norm, mlp_norm = norms(m, l)
-        record += [lambda l=l: freeze(l),
-                   lambda n=attn_norm, l=l: [n.register_forward_pre_hook(lambda mod, a: recorded.__setitem__(l, a[0]))],
-                   lambda n=mlp_norm, l=l: [n.register_forward_pre_hook(
-                       lambda mod, a: recorded.__setitem__(f"m{l}", a[0]))]]
-    hf_run(m, task.corrupt, record)
-    replace = [lambda r=r: receiver_hooks(m, r, lambda x, r=r: recorded_input(recorded, r)) for r in receivers]
-    patched = task.metric(hf_run(m, task.corrupt, replace)).mean().item()
-    return patched - task.metric(hf_run(m, task.corrupt)).mean().item()
+        record += [freeze(l),
+                   (attn_norm, "pre_", lambda mod, a, l=l: recorded.__setitem__(l, a[0])),
+                   (mlp_norm, "pre_", lambda mod, a, l=l: recorded.__setitem__(f"m{l}", a[0]))]
+    hf_logits(m, task.corrupt, record)
+    replace = [hook for r in receivers for hook in receiver_hooks(m, r, lambda x, r=r: recorded_input(recorded, r))]
+    patched = task.metric(hf_logits(m, task.corrupt, replace)).mean().item()
+    return patched - task.metric(hf_logits(m, task.corrupt)).mean().item()
 
 
 @pytest.mark.parametrize("receivers", [["logits"], ["m1"], ["a1.h1<k>", "a1.h2<q>"]])

@@ -10,6 +10,7 @@ from interplab.model import ORGANISM_DIR
 from interplab.organisms.tokenizer import build_tokenizer
 from interplab.paths import Hypothesis
 from interplab.tasks import random_tokens
+from raw_hooks import hf_logits
 
 TOL = 1e-5
 TINY_BASE = (ORGANISM_DIR / "tiny-base" / "model.safetensors").exists()
@@ -24,20 +25,10 @@ def setup():
     return m, random_tokens(m, n=4, seq=6)
 
 
-def hooked(m, tokens, hooks, grad=False):
-    handles = [getattr(mod, f"register_forward_{kind}hook")(fn) for mod, kind, fn in hooks]
-    try:
-        with torch.set_grad_enabled(grad):
-            return m.hf(tokens).logits
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def c_proj_inputs(m, tokens):
     """Per-layer input of the attention output projection, `[B, T, H * dh]`: heads side by side."""
     z = {}
-    hooked(m, tokens, [(m.block(l).attn.c_proj, "pre_", lambda mod, a, l=l: z.__setitem__(l, a[0]))
+    hf_logits(m, tokens, [(m.block(l).attn.c_proj, "pre_", lambda mod, a, l=l: z.__setitem__(l, a[0]))
                        for l in range(m.n_layers)])
     return z
 
@@ -59,7 +50,7 @@ def brute_path_patch(m, task, sender, receiver, mode):
     steps = [(m.block(l).attn.c_proj, "pre_", lambda mod, a, l=l: freeze(mod, a, l)) for l in range(m.n_layers)]
     steps.append((m.hf.transformer.ln_f, "pre_", lambda mod, a: kept.__setitem__("logits", a[0])))
     steps += [(m.block(l).ln_1, "pre_", lambda mod, a, l=l: kept.__setitem__(l, a[0])) for l in range(m.n_layers)]
-    hooked(m, base_tokens, steps)
+    hf_logits(m, base_tokens, steps)
     if receiver == "logits":
         final = m.hf.lm_head(m.hf.transformer.ln_f(kept["logits"]))
         return task.metric(final).mean().item()
@@ -72,7 +63,7 @@ def brute_path_patch(m, task, sender, receiver, mode):
         out[..., cols] = (block.ln_1(kept[layer_r]) @ mod.weight + mod.bias)[..., cols]
         return out
 
-    return task.metric(hooked(m, base_tokens, [(block.attn.c_attn, "", patch)])).mean().item()
+    return task.metric(hf_logits(m, base_tokens, [(block.attn.c_attn, "", patch)])).mean().item()
 
 
 @pytest.mark.parametrize("mode", ["denoising", "noising"])
@@ -116,7 +107,7 @@ def test_one_path_against_raw_hooks(setup):
     cols = slice(2 * m.d_model + head * dh, 2 * m.d_model + (head + 1) * dh)
     kept, z = {}, {}
     embed = lambda mod, a, o: kept.__setitem__("embed", o)  # noqa: E731
-    hooked(m, task.clean, [(m.hf.transformer.drop, "", embed)])
+    hf_logits(m, task.clean, [(m.hf.transformer.drop, "", embed)])
     clean_embed = kept["embed"]
     final = lambda mod, a: kept.__setitem__("final", a[0])  # noqa: E731
 
@@ -124,14 +115,14 @@ def test_one_path_against_raw_hooks(setup):
         z[len(z)] = args[0][..., head * dh:(head + 1) * dh]
 
     block = m.block(0)
-    hooked(m, task.corrupt, [(m.hf.transformer.ln_f, "pre_", final), (block.attn.c_proj, "pre_", zs)])
+    hf_logits(m, task.corrupt, [(m.hf.transformer.ln_f, "pre_", final), (block.attn.c_proj, "pre_", zs)])
 
     def value_from_clean(mod, args, out):
         out = out.clone()
         out[..., cols] = (block.ln_1(clean_embed) @ mod.weight + mod.bias)[..., cols]
         return out
 
-    hooked(m, task.corrupt, [(block.attn.c_attn, "", value_from_clean), (block.attn.c_proj, "pre_", zs)])
+    hf_logits(m, task.corrupt, [(block.attn.c_attn, "", value_from_clean), (block.attn.c_proj, "pre_", zs)])
     W_O = block.attn.c_proj.weight[head * dh:(head + 1) * dh]
     resid = kept["final"] + (z[1] - z[0]) @ W_O
     got = task.metric(m.hf.lm_head(m.hf.transformer.ln_f(resid))).mean().item()
