@@ -1,6 +1,9 @@
 """Speed of EAP over every edge against one plain forward + backward on the same batch, on every family.
 
     python benchmarks/attribution.py [--n 4] [--seq 16] [--repeats 3] [--threads T] [--only NAME ...]
+                                     [--device cuda]
+
+`--device` runs everything on that device (the first line names the card); `make gpu-check` uses it.
 
 Setups (`--only` picks some, by these names; all five by default):
 
@@ -32,6 +35,7 @@ sum of the gradients of the receivers it feeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -66,6 +70,8 @@ def interleaved_medians(fns: dict, repeats: int, min_seconds: float = 1.0) -> di
         for name, fn in fns.items():
             tic = time.perf_counter()
             fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # GPU work is asynchronous: time it to its end
             times[name].append(time.perf_counter() - tic)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -92,6 +98,23 @@ def node_sum_error(m, task, eap: il.graph.Circuit) -> float:
     expected = torch.cat([nodes["heads"].values.double().flatten(), nodes["mlp"].values.double()])
     got = torch.cat([heads.flatten(), mlps])
     return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def on_device(setup, device: torch.device):
+    """A setup `(name, m, raw, task)` moved to `device`."""
+    name, m, raw, task = setup
+    if device.type == "cpu":
+        return setup
+    m.hf.to(device)
+    raw.to(device)
+    moved = {field: getattr(task, field).to(device) for field in ("clean", "corrupt", "answer", "wrong")}
+    return name, m, raw, dataclasses.replace(task, **moved)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{device.type}, {torch.get_num_threads()} threads"
 
 
 def bench(name, m, raw, task, args) -> None:
@@ -121,14 +144,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--only", nargs="+", choices=list(SETUPS), default=list(SETUPS), metavar="NAME",
                         help=f"setups to run, of: {', '.join(SETUPS)}")
+    parser.add_argument("--device", default="cpu", help="where to run: cpu (default) or cuda")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device")
+    print(f"torch {torch.__version__}, device: {device_name(device)}")
     # random models on random prompts: no real task, so the gap warning says nothing here
     warnings.filterwarnings("ignore", message="the clean-vs-corrupt gap")
     for key in args.only:
-        bench(*SETUPS[key](args), args)
+        bench(*on_device(SETUPS[key](args), device), args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from interplab.decompose import Decomposition, lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from interplab.decompose import Decomposition
+from interplab.subcomponents import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from interplab.toy_models import sparse_features, train_tms
 
 TINY_BASE = Path(__file__).resolve().parents[1] / "interplab" / "organisms" / "weights" / "tiny-base"
@@ -42,7 +43,7 @@ def organism(device: str):
     return GPT2LMHeadModel(architecture(len(tokenizer), tokenizer)).to(device).eval(), "random GPT-2 (tiny-base shape)"
 
 
-def raw_steps(model, name, data, steps, batch_size, C, lr, kind, seed=0):
+def raw_steps(model, name, data, steps, batch_size, C, lr, output_loss, seed=0):
     """The fit loop's stochastic + layerwise + faithfulness + minimality step, hand-written."""
     dec = Decomposition(model, [name], C, seed=seed)  # only for identical initial parameters
     comp, module = dec.components[name], model.get_submodule(name)
@@ -61,7 +62,7 @@ def raw_steps(model, name, data, steps, batch_size, C, lr, kind, seed=0):
     generator = torch.Generator(device=dec.device).manual_seed(seed)
     optimizer = torch.optim.Adam(comp.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    out = lambda x: model(x).logits if kind == "kl" else model(x)  # noqa: E731
+    out = lambda x: model(x).logits if output_loss == "kl" else model(x)  # noqa: E731
     for _ in range(steps):
         x = data(batch_size, generator)
         state["mask"] = None
@@ -71,7 +72,7 @@ def raw_steps(model, name, data, steps, batch_size, C, lr, kind, seed=0):
         g = lower_leaky_hard_sigmoid(logits)
         state["mask"] = g + (1 - g) * torch.rand(g.shape, generator=generator, device=g.device)
         pred = out(x)
-        if kind == "kl":
+        if output_loss == "kl":
             recon = F.kl_div(pred.log_softmax(-1), target.log_softmax(-1), log_target=True, reduction="none")
             recon = recon.sum(-1).mean()
         else:
@@ -95,13 +96,13 @@ def timed(label: str, fn, device: str) -> float:
     return seconds
 
 
-def bench(title, model, name, data, steps, batch_size, C, kind, device):
+def bench(title, model, name, data, steps, batch_size, C, output_loss, device):
     print(f"{title}: {steps} steps, batch {batch_size}, C={C}, module {name}")
     options = dict(steps=steps, batch_size=batch_size, lr=1e-2, warmup_steps=0, progress=False)
     ours = timed("interplab", lambda: Decomposition(model, [name], C).fit(data, **options), device)
     quiet = timed("interplab, log 2x", lambda: Decomposition(model, [name], C).fit(
         data, log_every=steps - 1, **options), device)
-    raw = timed("raw torch", lambda: raw_steps(model, name, data, steps, batch_size, C, 1e-2, kind), device)
+    raw = timed("raw torch", lambda: raw_steps(model, name, data, steps, batch_size, C, 1e-2, output_loss), device)
     print(f"  ratio interplab/raw: {ours / raw:.2f} (with PGD logging), {quiet / raw:.2f} (same arithmetic)")
 
 

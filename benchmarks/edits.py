@@ -1,6 +1,6 @@
 """K edits trained together against K sequential trainings of the same arithmetic, in one run.
 
-    python benchmarks/edits.py [--k 16] [--steps 10] [--batch-size 24] [--threads 1] [--repeats 3] [--kind ipo]
+    python benchmarks/edits.py [--k 16] [--steps 10] [--batch-size 24] [--threads 1] [--repeats 3] [--objective ipo]
 
 The edits are the K single-head learned vectors of tiny-sft (the parent of tiny-dpo), trained with the
 IPO loss on the misconception preference pairs (`organisms.corpus.preference_pairs("train")`, 24 pairs):
@@ -60,7 +60,7 @@ def raw_sequential(m, heads, prompts, chosen, rejected, args) -> list[torch.Tens
                                              torch.cat([chosen[rows], rejected[rows]]))  # one forward, as il does
             pol_c, pol_r = both.split(len(rows))
             loss = training.preference_loss(pol_c, pol_r, ref[0][rows], ref[1][rows], beta=args.beta,
-                                            kind=args.kind)
+                                            objective=args.objective)
             (vec.grad,) = torch.autograd.grad(loss, [vec])
             opt.step()
         handle.remove()
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=24, help="pairs per step (24 = all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best time of each is shown")
-    parser.add_argument("--kind", default="ipo", choices=["ipo", "dpo"])
+    parser.add_argument("--objective", default="ipo", choices=["ipo", "dpo"])
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args()
@@ -96,7 +96,7 @@ def main() -> None:
     prompts = m.to_tokens([p for p, _, _ in pairs])
     chosen, rejected = (m.to_tokens([x[i] for x in pairs], prepend_bos=False) for i in (1, 2))
     heads = edits.all_heads(m)[: args.k]
-    common = dict(kind=args.kind, beta=args.beta, steps=args.steps, lr=args.lr, seed=0,
+    common = dict(objective=args.objective, beta=args.beta, steps=args.steps, lr=args.lr, seed=0,
                   batch_size=args.batch_size, progress=False)
     load_before = os.getloadavg()[0]
 
@@ -125,7 +125,7 @@ def main() -> None:
     diff_seq = max((vec(together) - vec(alone)).abs().max().item(), (vec(one) - vec(alone)).abs().max().item())
     diff_raw = (vec(together) - torch.stack(raw)).abs().max().item()
     rows = 2 * args.batch_size
-    print(f"tiny-sft, K={args.k} single-head vector edits, {args.kind.upper()} beta={args.beta}, {args.steps} steps, "
+    print(f"tiny-sft, K={args.k} single-head vector edits, {args.objective.upper()} beta={args.beta}, {args.steps} steps, "
           f"{args.batch_size} pairs/step ({rows} rows x {prompts.shape[1] + chosen.shape[1]} tokens per edit), "
           f"{torch.get_num_threads()} thread(s), best of {args.repeats} interleaved runs")
     firsts = len({layer for layer, _ in heads})

@@ -5,7 +5,7 @@
 The workload is the Random arm of the update experiment (`updates.update_experiment`): tiny-base
 fine-tuned on the register task (cross-entropy of the answer at the final position, `--batch` prompts a
 step), each run restricted to its own random set of 3 heads and 1 MLP matched by layer
-(`updates.random_components`). Measured in the same run:
+(`components.random_components`). Measured in the same run:
 
 - interplab: `training.train_masked` with all K masks (one vmapped forward/backward over stacked weights);
 - sequential: K calls of `training.train(copy, grad_mask=mask)`, the one-run loop with the same
@@ -30,7 +30,8 @@ import time
 import torch
 
 import interplab as il
-from interplab import training, updates
+from interplab import components, training
+from interplab.experiments import updates
 
 STATIC = ["a1.h2", "a2.h0", "a3.h1", "m2"]
 
@@ -47,7 +48,7 @@ def timed(fn):
 
 def compare(m: il.Model, runs: int, steps: int, batch: int) -> None:
     loss_fn = register_loss(m, batch)
-    masks = [updates.component_masks(m, c) for c in updates.random_components(m, STATIC, runs, seed=0)]
+    masks = [components.component_masks(m, c) for c in components.random_components(m, STATIC, runs, seed=0)]
     base = {n: p.detach().clone() for n, p in m.hf.named_parameters()}
     kw = dict(steps=steps, lr=1e-3, warmup=5)
 

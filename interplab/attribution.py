@@ -22,10 +22,10 @@ carries the whole clean-vs-corrupt effect. Raw (unnormalized) by default.
 
 from __future__ import annotations
 
+import nnsight
 import torch
-from tqdm.auto import tqdm
 
-from . import checks, circuits, edgewise, metrics
+from . import bars, checks, circuits, edgewise, metrics
 from .graph import Circuit, Graph
 from .metrics import Metric
 from .model import Model
@@ -99,8 +99,9 @@ def _batches(task: Task, batch_size: int) -> list[tuple[int, Task]]:
 
 
 def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_size: int = 16,
-          normalize: bool = False, metric: Metric | None = None, remote: bool = False) -> Circuit:
-    """Scores of every edge of the model's `Graph`, as a full `Circuit` (select with `.top(n)`).
+          normalize: bool = False, metric: Metric | None = None, progress: bool | None = None,
+          remote: bool = False) -> Circuit:
+    """Scores of every edge of the model's `Graph`, as a full `Circuit` (select with `.top(k)`).
 
     method: "EAP" (gradient on the clean run) or "EAP-IG" (gradient averaged over `steps`
     interpolations of the input embeddings from corrupt to clean, alpha = k/steps, k = 1..steps).
@@ -125,7 +126,7 @@ def edges(m: Model, task: Task, method: str = "EAP-IG", steps: int = 5, batch_si
     graph = Graph.from_model(m)
     total, clean_metric, corrupt_metric = 0, [], []
     batches = _batches(task, batch_size)
-    for start, part in tqdm(batches, desc=method, disable=len(batches) * steps < 8):
+    for start, part in bars.bar(batches, progress, desc=method, steps=len(batches) * steps):
         scores, clean, corrupt = _edge_batch(m, part, steps, metric, circuits.examples(start, part), graph.valid)
         total = total + scores
         clean_metric.append(clean)
@@ -168,6 +169,8 @@ def _node_run(m: Model, tokens: torch.Tensor, rows: torch.Tensor, metric: Metric
         acts = {"z": [], "mlp": [], "resid": []}
         for l in range(L):  # in the order the model computes them, as nnsight requires
             acts["resid"].append(blocks[l].input)
+            if grad and l == 0:  # NDIF freezes the weights, so the gradient has to start at an activation
+                acts["resid"][0].requires_grad_(True)
             acts["z"].append(m.envoy(m.spec.head_values, l).input)
             acts["mlp"].append(m.envoy(m.spec.mlp, l).output)
         acts["resid"].append(m.envoy(m.spec.final_norm).input)
@@ -182,6 +185,7 @@ def _node_run(m: Model, tokens: torch.Tensor, rows: torch.Tensor, metric: Metric
                     grads["g_mlp"] = [acts["mlp"][l].grad.save()] + grads.get("g_mlp", [])
                     grads["g_z"] = [acts["z"][l].grad.save()] + grads.get("g_z", [])
                     grads["g_resid"] = [acts["resid"][l].grad.save()] + grads["g_resid"]
+        out, grads = nnsight.save(out), nnsight.save(grads)  # a remote run sends back only what is saved
     return out | {name: torch.stack(values) for name, values in grads.items()}
 
 
@@ -209,7 +213,8 @@ def nodes(m: Model, task: Task, batch_size: int = 16, per_position: bool = False
     for start, part in _batches(task, batch_size):
         rows = circuits.examples(start, part)
         corrupt = _node_run(m, part.corrupt, rows, metric, remote, grad=False)
-        clean = _node_run(m, part.clean, rows, metric, remote, grad=True)
+        with checks.kept_grads(m.nn._module):  # the backward would leave .grad on every weight
+            clean = _node_run(m, part.clean, rows, metric, remote, grad=True)
         clean_metric.append(clean["metric"].double().cpu())
         corrupt_metric.append(corrupt["metric"].double().cpu())
         d_z = ((clean["z"] - corrupt["z"]) * clean["g_z"]).unflatten(-1, (H, -1)).sum(-1)  # (L, B, T, H)

@@ -13,9 +13,8 @@ So the full graph reproduces the clean run and the empty circuit the corrupt run
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
-from . import checks, edgewise, metrics
+from . import bars, checks, edgewise, metrics
 from .graph import Circuit, Graph
 from .metrics import Metric
 from .model import Model
@@ -85,7 +84,8 @@ def examples(part_start: int, part: Task, repeats: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def circuit_metrics(m: Model, task: Task, circuits: list[Circuit], batch_size: int = 32,
-                    circuits_per_run: int = 8, metric: Metric | None = None, remote: bool = False) -> torch.Tensor:
+                    circuits_per_run: int = 8, metric: Metric | None = None, progress: bool | None = None,
+                    remote: bool = False) -> torch.Tensor:
     """Mean metric of the model run as each circuit: `[len(circuits)]`.
 
     One run per `circuits_per_run` circuits and `batch_size` examples: rows carry different circuits.
@@ -96,11 +96,13 @@ def circuit_metrics(m: Model, task: Task, circuits: list[Circuit], batch_size: i
     checks.batch_size(circuits_per_run, "circuits_per_run")
     if not circuits:
         raise ValueError("no circuits given; pass a Circuit or a non-empty list of them")
+    for c in circuits:
+        c.graph.check_model(m)
     metric = metric or metrics.task_metric(task)
     masks = torch.stack([c.mask for c in circuits]).to(m.device)
     totals = torch.zeros(len(circuits), dtype=torch.float64)
     batches = [(i, j) for i in range(0, len(task), batch_size) for j in range(0, len(circuits), circuits_per_run)]
-    for start, first in tqdm(batches, desc="circuits", disable=len(batches) < 4):
+    for start, first in bars.bar(batches, progress, desc="circuits"):
         part = task[start : start + batch_size]
         group = masks[first:first + circuits_per_run]
         _, corrupt = edgewise.record(m, part.corrupt)
@@ -125,13 +127,6 @@ def example_metrics(m: Model, task: Task, batch_size: int = 32,
     return torch.cat(clean), torch.cat(corrupt)
 
 
-def clean_corrupt_metrics(m: Model, task: Task, batch_size: int = 32,
-                          metric: Metric | None = None) -> tuple[float, float]:
-    """Mean metric on the clean and on the corrupt prompts (edge-wise forward, like the circuit runs)."""
-    clean, corrupt = example_metrics(m, task, batch_size, metric)
-    return clean.mean().item(), corrupt.mean().item()
-
-
 def checked_gap(m: Model, task: Task, batch_size: int, metric: Metric | None,
                 normalize: bool = True) -> tuple[float, float]:
     """Mean clean and corrupt metric, after checking their gap (an error if zero, a warning if within noise)."""
@@ -141,7 +136,8 @@ def checked_gap(m: Model, task: Task, batch_size: int, metric: Metric | None,
 
 
 def faithfulness(m: Model, task: Task, circuit: Circuit | list[Circuit], batch_size: int = 32,
-                 metric: Metric | None = None, remote: bool = False) -> float | torch.Tensor:
+                 metric: Metric | None = None, progress: bool | None = None,
+                 remote: bool = False) -> float | torch.Tensor:
     """Normalized faithfulness (m_circuit - m_corrupt) / (m_clean - m_corrupt) of the mean metric.
 
     1 for the full graph, 0 for the empty circuit. A list of circuits gives a tensor `[n]`.
@@ -153,22 +149,24 @@ def faithfulness(m: Model, task: Task, circuit: Circuit | list[Circuit], batch_s
         raise ValueError("faithfulness([]) has no circuit to test; pass a Circuit or a non-empty list of them")
     if not all(isinstance(c, Circuit) for c in circuits):
         raise TypeError("faithfulness takes a Circuit or a list of Circuits (build one with Circuit.from_edges "
-                        "or attribution.edges(...).top(n))")
+                        "or attribution.edges(...).top(k))")
     check(m, task, batch_size)
     clean, corrupt = checked_gap(m, task, batch_size, metric)
-    values = (circuit_metrics(m, task, circuits, batch_size, metric=metric) - corrupt) / (clean - corrupt)
+    values = (circuit_metrics(m, task, circuits, batch_size, metric=metric, progress=progress) - corrupt) / (
+        clean - corrupt)
     return values.item() if isinstance(circuit, Circuit) else values
 
 
 def faithfulness_curve(m: Model, task: Task, scored: Circuit, ns: list[int] | None = None,
-                       batch_size: int = 32, metric: Metric | None = None, remote: bool = False) -> Scores:
+                       batch_size: int = 32, metric: Metric | None = None, progress: bool | None = None,
+                       remote: bool = False) -> Scores:
     """Faithfulness of `scored.top(n)` for each n in `ns` (default: 16 sizes, log-spaced): Scores over n_edges.
     `remote=True` raises: the edge-wise forward runs outside nnsight."""
     checks.local_only(remote, "circuits.faithfulness_curve", edgewise.LOCAL_ONLY)
     if ns is None:
         ns = torch.logspace(0, torch.log10(torch.tensor(float(scored.n_edges))), 16).round().int().unique().tolist()
         ns = [0] + ns
-    values = faithfulness(m, task, [scored.top(n) for n in ns], batch_size, metric)
+    values = faithfulness(m, task, [scored.top(n) for n in ns], batch_size, metric, progress)
     return Scores(values, ("n_edges",), labels={"n_edges": [str(n) for n in ns]},
                   meta={"title": "faithfulness vs circuit size", "task": task.name, "n_edges": list(ns),
                         "total_edges": scored.graph.n_edges, **scored.meta})
@@ -176,7 +174,7 @@ def faithfulness_curve(m: Model, task: Task, scored: Circuit, ns: list[int] | No
 
 def edge_patching(m: Model, task: Task, among: Circuit | None = None, batch_size: int = 32,
                   circuits_per_run: int = 16, normalize: bool = False, metric: Metric | None = None,
-                  remote: bool = False) -> Circuit:
+                  progress: bool | None = None, remote: bool = False) -> Circuit:
     """Exact effect of corrupting each edge alone, `m(clean) - m(every edge but this one)`, averaged over
     examples (noising, +1 = the whole effect when normalized by `m_clean - m_corrupt`): what EAP
     estimates to first order. `among` picks the edges (default: all of them); rows of one run carry
@@ -184,6 +182,7 @@ def edge_patching(m: Model, task: Task, among: Circuit | None = None, batch_size
     check(m, task, batch_size, remote=remote, function="circuits.edge_patching")
     among = among or Circuit.full(Graph.from_model(m))
     graph = among.graph
+    graph.check_model(m)
     pairs = among.mask.nonzero().tolist()
     ablated = []
     for s, r in pairs:
@@ -193,7 +192,7 @@ def edge_patching(m: Model, task: Task, among: Circuit | None = None, batch_size
     clean, corrupt = checked_gap(m, task, batch_size, metric, normalize)
     if not pairs:
         raise ValueError("`among` has no edges; pass a circuit with at least one edge (default: every edge)")
-    effects = clean - circuit_metrics(m, task, ablated, batch_size, circuits_per_run, metric)
+    effects = clean - circuit_metrics(m, task, ablated, batch_size, circuits_per_run, metric, progress)
     if normalize:
         effects = effects / (clean - corrupt)
     scores = torch.zeros(graph.valid.shape)

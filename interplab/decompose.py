@@ -69,75 +69,15 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from . import checks
+from . import bars, checks, figures
+from .model import linear_weight
+from .subcomponents import Components, lower_leaky_hard_sigmoid, minimality_loss, upper_leaky_hard_sigmoid
 
 Data = torch.Tensor | Callable[[int, torch.Generator | None], torch.Tensor]
 Masks = dict[str, torch.Tensor]
 L0_THRESHOLD = 0.1
-
-
-def lower_leaky_hard_sigmoid(x: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
-    """`clamp(x, 0, 1)` with slope `slope` below 0, so dead components still get gradient."""
-    return torch.where(x < 0, slope * x, x.clamp(max=1.0))
-
-
-def upper_leaky_hard_sigmoid(x: torch.Tensor, slope: float = 0.01) -> torch.Tensor:
-    """`clamp(x, 0, 1)` with slope `slope` above 1 (used by the minimality loss)."""
-    return torch.where(x > 1, 1 + slope * (x - 1), x.clamp(min=0.0))
-
-
-class Components(nn.Module):
-    """`C` rank-1 subcomponents `U[:, c] V[c, :]` of one `[d_out, d_in]` matrix and their importance MLPs."""
-
-    def __init__(self, d_in: int, d_out: int, C: int, hidden: int, generator: torch.Generator):
-        super().__init__()
-        rand = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731
-        self.V = nn.Parameter(rand(C, d_in) / math.sqrt(d_in))  # (C, d_in)
-        self.U = nn.Parameter(rand(d_out, C) / math.sqrt(C))  # (d_out, C)
-        self.gate_in = nn.Parameter(rand(C, hidden))  # (C, h)
-        self.gate_in_bias = nn.Parameter(rand(C, hidden) * 0.1)  # (C, h)
-        self.gate_out = nn.Parameter(rand(C, hidden) / math.sqrt(hidden))  # (C, h)
-        self.gate_out_bias = nn.Parameter(torch.zeros(C))  # (C,)
-
-    @property
-    def C(self) -> int:
-        return self.V.shape[0]
-
-    def weight(self) -> torch.Tensor:
-        """`U V`: `[d_out, d_in]`."""
-        return self.U @ self.V
-
-    def inner(self, a: torch.Tensor) -> torch.Tensor:
-        """Inner activations `V[c] · a`: `[..., d_in]` -> `[..., C]`."""
-        return a @ self.V.T
-
-    def importance_logits(self, inner: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid causal importance, one small MLP per component: `[..., C]` -> `[..., C]`."""
-        hidden = F.gelu(inner[..., None] * self.gate_in + self.gate_in_bias)  # (..., C, h)
-        return (hidden * self.gate_out).sum(-1) + self.gate_out_bias
-
-    def output(self, a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """`Σ_c m_c U[:, c] (V[c] · a)`: `[..., d_in]`, mask `[..., C]` -> `[..., d_out]`."""
-        return (self.inner(a) * mask) @ self.U.T
-
-
-def minimality_loss(g_upper: torch.Tensor, pnorm: float, beta: float = 0.0) -> torch.Tensor:
-    """`Σ_c mean(g_c^p) · (1 + β log2(1 + Σ g_c^p))` over the rows of `g_upper` `[..., C]`.
-
-    With `β = 0` this is the plain importance minimality `mean over rows of Σ_c g^p`.
-    With `β > 0` a component active on many rows costs more than two components
-    sharing those rows, which tips ties towards splitting merged components
-    (SPD's frequency term; the sum runs over the batch, so β's effect grows
-    slowly with the batch size).
-    """
-    if beta < 0 or pnorm <= 0:
-        raise ValueError(f"need beta >= 0 and pnorm > 0 (got beta={beta}, pnorm={pnorm}); beta=0 is plain minimality")
-    powered = (g_upper + 1e-12).pow(pnorm).flatten(0, -2)  # (rows, C)
-    per_component = powered.mean(0) * (1 + beta * torch.log2(1 + powered.sum(0)))  # (C,)
-    return per_component.sum()
 
 
 def _submodule(root: nn.Module, name: str) -> nn.Module:
@@ -149,17 +89,6 @@ def _submodule(root: nn.Module, name: str) -> nn.Module:
             f"the model has no module {name!r}. Decomposable modules include: {linear[:12]}"
             f"{' ...' if len(linear) > 12 else ''} (print(model) shows every name)."
         ) from None
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """A module's weight in `nn.Linear` orientation `[d_out, d_in]` (Conv1D stores `[d_in, d_out]`)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(
-            f"{type(module).__name__} has no 2-D `weight`; decompose works on nn.Linear, "
-            "transformers Conv1D, or a module computing `x @ weight.T + bias`."
-        )
-    return weight.T if isinstance(module, Conv1D) else weight
 
 
 def _unwrap(model) -> nn.Module:
@@ -202,6 +131,7 @@ class Decomposition(nn.Module):
         self.names = [modules] if isinstance(modules, str) else list(modules)
         if not self.names or len(set(self.names)) != len(self.names):
             raise ValueError(f"modules must be a non-empty list of distinct names, got {self.names}")
+        seed = checks.seed(seed)
         self.device = next(self.model.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.targets = {name: _submodule(self.model, name) for name in self.names}
@@ -342,8 +272,8 @@ class Decomposition(nn.Module):
 
     # --- losses ------------------------------------------------------------
 
-    def _reconstruction(self, output: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-        if kind == "kl":
+    def _reconstruction(self, output: torch.Tensor, target: torch.Tensor, loss_name: str) -> torch.Tensor:
+        if loss_name == "kl":
             return F.kl_div(output.log_softmax(-1), target.log_softmax(-1), log_target=True,
                             reduction="none").sum(-1).mean()
         return F.mse_loss(output, target)
@@ -352,7 +282,7 @@ class Decomposition(nn.Module):
         """Mean squared entry of `W_target − U V` per module."""
         return {n: (self.target_weight(n) - c.weight()).pow(2).mean() for n, c in self.components.items()}
 
-    def pgd_loss(self, inputs, gates: Masks, target, kind: str, steps: int, step_size: float) -> torch.Tensor:
+    def pgd_loss(self, inputs, gates: Masks, target, loss_name: str, steps: int, step_size: float) -> torch.Tensor:
         """Reconstruction loss with masks `g + (1 − g) s`, `s` chosen by `steps` of sign-gradient ascent.
 
         `s` starts uniform at random; gradients reach the components through `g`
@@ -364,12 +294,12 @@ class Decomposition(nn.Module):
             free = {n: s.requires_grad_() for n, s in free.items()}
             with torch.enable_grad():  # the ascent needs gradients even when the caller evaluates without
                 masks = {n: fixed[n] + (1 - fixed[n]) * free[n] for n in free}
-                loss = self._reconstruction(self._call(inputs, masks), target, kind)
+                loss = self._reconstruction(self._call(inputs, masks), target, loss_name)
                 grads = torch.autograd.grad(loss, list(free.values()))
             free = {n: (s + step_size * grad.sign()).clamp(0, 1).detach()
                     for (n, s), grad in zip(free.items(), grads)}
         masks = {n: g + (1 - g) * free[n] for n, g in gates.items()}
-        return self._reconstruction(self._call(inputs, masks), target, kind)
+        return self._reconstruction(self._call(inputs, masks), target, loss_name)
 
     def losses(
         self, inputs: torch.Tensor, output_loss: str = "auto", pnorm: float = 1.0, beta: float = 0.0,
@@ -377,14 +307,14 @@ class Decomposition(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Every loss term on one batch (differentiable). Keys as in `history`; `"pgd"` if `pgd_steps > 0`."""
         target, logits, gates = self._gates(inputs)
-        kind = self._output_kind(output_loss)
+        loss_name = self._output_loss(output_loss)
         masks = {n: g + (1 - g) * torch.rand(g.shape, generator=self.generator, device=g.device)
                  for n, g in gates.items()}
-        out = {"stochastic": self._reconstruction(self._call(inputs, masks), target, kind)}
+        out = {"stochastic": self._reconstruction(self._call(inputs, masks), target, loss_name)}
         for name in self.names:
             out[f"layerwise/{name}"] = (
                 out["stochastic"] if len(self.names) == 1
-                else self._reconstruction(self._call(inputs, {name: masks[name]}), target, kind)
+                else self._reconstruction(self._call(inputs, {name: masks[name]}), target, loss_name)
             )
         for name, value in self.faithfulness().items():
             out[f"faithfulness/{name}"] = value
@@ -393,10 +323,10 @@ class Decomposition(nn.Module):
             out[f"minimality/{name}"] = minimality_loss(g_upper, pnorm, beta)
             out[f"L0/{name}"] = (gates[name] > L0_THRESHOLD).sum(-1).float().mean()
         if pgd_steps > 0:
-            out["pgd"] = self.pgd_loss(inputs, gates, target, kind, pgd_steps, pgd_step_size)
+            out["pgd"] = self.pgd_loss(inputs, gates, target, loss_name, pgd_steps, pgd_step_size)
         return out
 
-    def _output_kind(self, output_loss: str) -> str:
+    def _output_loss(self, output_loss: str) -> str:
         """KL over the vocabulary for models that return `.logits`, MSE otherwise (or as asked)."""
         if output_loss not in ("auto", "kl", "mse"):
             raise ValueError(f"output_loss must be 'auto', 'kl' or 'mse', got {output_loss!r}")
@@ -434,7 +364,7 @@ class Decomposition(nn.Module):
         output_loss: str = "auto",
         warmup_steps: int = 200,
         log_every: int | None = None,
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> Decomposition:
         """Train on batches from `data`; the weighted loss is
 
@@ -449,18 +379,24 @@ class Decomposition(nn.Module):
         Every `log_every` steps all terms, L0 and the PGD loss are logged to
         `history`. Uses the seeded generator of this decomposition.
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        steps, pgd_steps = checks.count(steps, "steps"), checks.count(pgd_steps, "pgd_steps", low=0)
         checks.batch_size(batch_size)
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        warmup_steps = checks.count(warmup_steps, "warmup_steps", low=0)
+        lr, pnorm = checks.number(lr, "lr", low=0), checks.number(pnorm, "pnorm", above=0)
+        for value, name in ((faithfulness, "faithfulness"), (stochastic, "stochastic"), (layerwise, "layerwise"),
+                            (minimality, "minimality"), (beta, "beta"), (pgd, "pgd"), (pgd_step_size, "pgd_step_size")):
+            checks.number(value, name, low=0)
+        if log_every is not None:
+            checks.count(log_every, "log_every")
+        checks.deterministic(self.model, "decompose")
+        self._check_data(data)
         self._faithfulness_warmup(warmup_steps)
         log_every = log_every or max(1, steps // 50)
         coefficients = {"stochastic": stochastic, "faithfulness": faithfulness, "layerwise": layerwise,
                         "minimality": minimality, "pgd": pgd}
         optimizer = torch.optim.Adam(self.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-        bar = tqdm(range(steps), desc="decompose", disable=not progress)
+        bar = bars.bar(range(steps), progress, "decompose")
         for step in bar:
             inputs = self._sample(data, batch_size)
             log = step % log_every == 0 or step == steps - 1
@@ -470,10 +406,21 @@ class Decomposition(nn.Module):
             loss.backward()
             optimizer.step()
             schedule.step()
+            checks.training_step(step, loss, self.parameters())
             if log:
                 self._log(step, loss, terms)
                 bar.set_postfix(loss=f"{loss.item():.3g}", L0=f"{self.l0()[self.names[0]]:.2f}")
         return self
+
+    def _check_data(self, data: Data) -> None:
+        """Token ids in range for a language model, before the first step (not 25 frames into it)."""
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if isinstance(data, torch.Tensor):
+            checks.nonempty(data, "data")
+            if vocab is not None and not data.is_floating_point() and (data.min() < 0 or data.max() >= vocab):
+                raise ValueError(f"data holds token ids in [{data.min().item()}, {data.max().item()}] but the "
+                                 f"model's vocabulary has {vocab}; tokenize with this model's tokenizer")
+            checks.finite(data, "data")
 
     def _weighted(self, terms: dict[str, torch.Tensor], coefficients: dict[str, float]) -> torch.Tensor:
         loss = coefficients["stochastic"] * terms["stochastic"]
@@ -507,9 +454,7 @@ class Decomposition(nn.Module):
 
     def plot(self, title: str = "Parameter decomposition"):
         """L0 per module and every loss term over training (`viz.decomposition_figure`)."""
-        from .viz import decomposition_figure
-
-        return decomposition_figure(self, title)
+        return figures.draw("decomposition", self, title)
 
 
 def decompose(

@@ -3,24 +3,33 @@
 Edge-level methods (EAP, EAP-IG, faithfulness, path patching) need two things a
 Hugging Face forward hides: each head's output separately, and a separate
 residual input for each head's query, key and value. So this module re-runs the
-model from its own weights, read through the `ArchSpec`: layer norms (LayerNorm
-or RMSNorm), MLPs (plain or gated), rotary embeddings and the unembedding are the
-Hugging Face modules themselves, and only attention is recomputed, with its
-projections split per head. Families:
+model from its own weights, read through the `ArchSpec` (interplab/specs.py):
+norms, MLPs, rotary tables and the unembedding are the Hugging Face modules
+themselves, and only attention is recomputed, with its projections split per
+head. Everything family-specific comes from the spec: where q/k/v live (fused
+`[q | k | v]`, interleaved per head, or separate; Conv1D or Linear), q/k norms,
+rotary style (half-split or interleaved pairs, partial), the attention soft-cap
+and sliding windows, post-norms, residual and embedding scales, parallel blocks
+(where `Graph` has no edge from a layer's heads to its own MLP) and the logits'
+post-processing (`Model.final_logits`).
 
-- GPT-2: fused `c_attn` `[q | k | v]` in Conv1D orientation, learned positions.
-- GPT-NeoX: fused `query_key_value` interleaved per head `[q_h | k_h | v_h]`,
-  partial rotary, and (with `use_parallel_residual`) parallel blocks, where the
-  MLP reads the block input, not the attention output: `Graph` has no edge from
-  a layer's heads to its own MLP then.
-- Llama family (Llama, Qwen2, Mistral): separate q/k/v projections, rotary, and
-  grouped-query attention: keys and values exist once per kv head, so a key or
-  value receiver `a{l}.h{g}<k|v>` (g < n_kv_heads) is shared by the query heads
-  `g * n_heads // n_kv_heads ...` of its group.
+What a sender's output is, where the model does not simply add heads:
+- A post-norm on the attention output (Gemma 2/3, OLMo 2) normalizes the heads'
+  sum. Head h's output is its share of the normed sum, `norm_weight * (o_h +
+  b_O / H) / rms(sum)` with the rms of this run's sum, so heads still add up to
+  what the block adds to the residual. Patching one head's output then keeps the
+  other heads' shares as they were (the rms is not recomputed); `paths.test`
+  refuses such models, since a treeified head has no sum to normalize by.
+- A q/k norm over all heads together (OLMo 2) couples the heads' queries. A
+  query receiver with its own input computes every head's query from that input,
+  normalizes them together and keeps its own head's: exact when all inputs agree,
+  and its gradients add up to the model's.
+Under grouped-query attention keys and values exist once per kv head, so a key or
+value receiver `a{l}.h{g}<k|v>` (g < n_kv_heads) is shared by its group's query heads.
 
 Receivers of one layer are ordered q (n_heads), k (n_kv_heads), v (n_kv_heads),
-as in `Graph`. `tests/test_circuits.py` and `tests/test_edgewise_families.py`
-check the forward against the Hugging Face one.
+as in `Graph`. `tests/test_families.py` checks the forward against the Hugging
+Face one for every family, and `il.check_spec` does so for any model.
 
 A `Hooks` object sees every sender output and chooses every receiver input; the
 plain `Hooks` reproduces the ordinary forward. Subclasses (in attribution.py,
@@ -29,32 +38,36 @@ circuits.py, paths.py) record, freeze or replace them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .model import GPT2, GPT_NEOX, LLAMA, Model
-
-SUPPORTED = (GPT2, GPT_NEOX, LLAMA)
-
+from .model import Model
+from .specs import softcap
 
 LOCAL_ONLY = "edge-level methods run interplab's own forward (interplab/edgewise.py), outside nnsight"
 
 
 def check_supported(m: Model) -> None:
-    """Raise unless `m`'s family is one the edge-wise forward implements."""
-    if m.spec not in SUPPORTED:
+    """Raise unless the edge-wise forward can run `m`'s attention (its q/k/v layout and rotary style)."""
+    if m.spec.qkv_layout not in ("concat", "interleaved", "separate") or m.spec.rotary not in ("", "half",
+                                                                                               "interleaved"):
         raise NotImplementedError(
-            f"edge-level methods run their own forward, implemented for "
-            f"{', '.join(s.family for s in SUPPORTED)}; {m.name} is {m.spec.family}. Use node-level "
-            "patching (il.patching) for this model, or add its attention to interplab/edgewise.py."
-        )
+            f"edge-level methods run their own forward, which cannot read {m.name}'s attention "
+            f"(qkv_layout={m.spec.qkv_layout!r}, rotary={m.spec.rotary!r} in its ArchSpec). Use node-level "
+            "patching (il.patching) for this model.")
 
 
-def is_parallel(m: Model) -> bool:
-    """True where the MLP reads the block input (GPT-NeoX's `use_parallel_residual`)."""
-    return m.spec is GPT_NEOX and bool(getattr(m.config, "use_parallel_residual", False))
+def check_per_head(m: Model, function: str) -> None:
+    """Raise where one head's output is not a function of that head's own inputs (see the module doc)."""
+    coupled = [what for what, present in (
+        (f"a post-norm on the attention output ({m.spec.attn_post_norm})", bool(m.spec.attn_post_norm)),
+        (f"a q/k norm over all heads together ({m.spec.q_norm})", m.spec.qk_norm_over == "full"
+         and bool(m.spec.q_norm))) if present]
+    if coupled:
+        raise NotImplementedError(
+            f"{function} computes single heads on their own, but {m.spec.family} has {' and '.join(coupled)}, "
+            "which couples the heads of a layer. Use circuits.faithfulness / paths.path_patch (every head "
+            "computed together) for this model.")
 
 
 def qkv_receivers(m: Model) -> int:
@@ -80,7 +93,7 @@ class Hooks:
         return None
 
     def heads_output(self, layer: int, heads: torch.Tensor) -> torch.Tensor:
-        """Per-head outputs `[B, H, T, D]` (without the shared output bias)."""
+        """Per-head outputs `[B, H, T, D]` (what each head adds to the residual, without the shared bias)."""
         return heads
 
     def mlp_input(self, layer: int, resid: torch.Tensor) -> torch.Tensor:
@@ -94,85 +107,96 @@ class Hooks:
         return resid
 
 
-def _linear_heads(linear: torch.nn.Module, n: int, d_head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """An `nn.Linear` producing `n` heads, split: W `[n, D, dh]`, b `[n, 1, dh]` (zeros without bias)."""
-    W = linear.weight.view(n, d_head, -1).transpose(1, 2)
-    b = linear.bias.view(n, 1, d_head) if linear.bias is not None else W.new_zeros(n, 1, d_head)
+def _norm(m: Model, path: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The block norm at spec `path` applied to x, or x itself where the family has none there."""
+    norm = m.optional(path, layer)
+    return x if norm is None else norm(x)
+
+
+def _split(m: Model, layer: int, which: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`which` ("q", "k" or "v") projections of `n` heads, read through the spec's layout:
+    W `[n, D, dh]`, b `[n, 1, dh]` (zeros without bias)."""
+    spec, dh = m.spec, m.d_head
+    columns = [spec.qkv_columns(which, u, m.n_heads, m.n_kv_heads, dh) for u in range(n)]
+    module = m.module(columns[0][0], layer)
+    rows = torch.cat([torch.arange(c.start, c.stop) for _, c in columns]).to(module.weight.device)
+    W = spec.as_linear(module.weight).index_select(0, rows).view(n, dh, -1).transpose(1, 2)
+    bias = getattr(module, "bias", None)
+    b = bias.index_select(0, rows).view(n, 1, dh) if bias is not None else W.new_zeros(n, 1, dh)
     return W, b
 
 
 def attention_weights(m: Model, layer: int) -> dict[str, torch.Tensor]:
     """One layer's attention split per head: W_Q `[H, D, dh]`, W_K/W_V `[H_kv, D, dh]`, b_Q `[H, 1, dh]`,
     b_K/b_V `[H_kv, 1, dh]`, W_O `[H, dh, D]`, b_O `[D]` (zeros where the model has no bias)."""
-    attn = m.module(m.spec.attn, layer)
-    H, Hkv, D, dh = m.n_heads, m.n_kv_heads, m.d_model, m.d_head
-    if m.spec is GPT2:  # Conv1D: weights [in, out], out = [q | k | v]
-        W = attn.c_attn.weight.view(D, 3, H, dh).permute(1, 2, 0, 3)  # (3, H, D, dh)
-        b = attn.c_attn.bias.view(3, H, 1, dh)
-        return dict(W_Q=W[0], W_K=W[1], W_V=W[2], b_Q=b[0], b_K=b[1], b_V=b[2],
-                    W_O=attn.c_proj.weight.view(H, dh, D), b_O=attn.c_proj.bias)
-    if m.spec is GPT_NEOX:  # out = per head [q_h | k_h | v_h]
-        fused = attn.query_key_value
-        W = fused.weight.view(H, 3, dh, D).transpose(-1, -2)  # (H, 3, D, dh)
-        b = fused.bias.view(H, 3, 1, dh) if fused.bias is not None else W.new_zeros(H, 3, 1, dh)
-        weights = dict(W_Q=W[:, 0], W_K=W[:, 1], W_V=W[:, 2], b_Q=b[:, 0], b_K=b[:, 1], b_V=b[:, 2])
-        out = attn.dense
-    else:
-        W_Q, b_Q = _linear_heads(attn.q_proj, H, dh)
-        W_K, b_K = _linear_heads(attn.k_proj, Hkv, dh)
-        W_V, b_V = _linear_heads(attn.v_proj, Hkv, dh)
-        weights = dict(W_Q=W_Q, W_K=W_K, W_V=W_V, b_Q=b_Q, b_K=b_K, b_V=b_V)
-        out = attn.o_proj
-    W_O = out.weight.T.reshape(H, dh, D)
-    b_O = out.bias if out.bias is not None else W_O.new_zeros(D)
+    H, Hkv, dh = m.n_heads, m.n_kv_heads, m.d_head
+    weights = {}
+    for which, n in (("q", H), ("k", Hkv), ("v", Hkv)):
+        weights[f"W_{which.upper()}"], weights[f"b_{which.upper()}"] = _split(m, layer, which, n)
+    out = m.module(m.spec.head_values, layer)
+    W_O = m.spec.as_linear(out.weight).T.reshape(H, dh, -1)
+    b_O = out.bias if getattr(out, "bias", None) is not None else W_O.new_zeros(W_O.shape[-1])
     return weights | dict(W_O=W_O, b_O=b_O)
 
 
 def attention_scale(m: Model, layer: int) -> float:
-    """The factor on q . k: GPT-2's config flags, else the attention module's own `scaling`."""
-    if m.spec is not GPT2:
-        return getattr(m.module(m.spec.attn, layer), "scaling", None) or 1 / math.sqrt(m.d_head)
-    config = m.hf.config
-    scale = 1 / math.sqrt(m.d_head) if config.scale_attn_weights else 1.0
-    return scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
+    """The factor on q . k: the attention module's own `scaling` (every supported family keeps one)."""
+    attn = m.module(m.spec.attn, layer)
+    if not hasattr(attn, "scaling"):
+        raise NotImplementedError(f"{type(attn).__name__} keeps no `scaling`; the edge-wise forward cannot tell "
+                                  "its attention scale")
+    return float(attn.scaling)
 
 
-def _rotate(m: Model, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embeddings on q `[B, H, T, dh]` and k `[B, H_kv, T, dh]` (the first `rotary_dim` dims),
-    with cos/sin from the model's own rotary module (so its scaling variants apply). GPT-2: unchanged."""
-    if m.spec is GPT2:
+def _rotary_tables(m: Model, layer: int, x: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin `[1, 1, T, rotary_dim]` from the model's own rotary module (so its scaling variants apply)."""
+    spec = m.spec
+    rotary = m.module(spec.rotary_module)
+    positions = torch.arange(T, device=x.device)[None]
+    extra = (m.config.layer_types[layer],) if spec.rotary_by_layer_type else ()
+    first, second = rotary(x, positions, *extra)
+    if spec.rotary_table == "sin_cos_pairs":  # one entry per rotated pair (GPT-J)
+        cos, sin = (t.repeat_interleave(2, -1) for t in (second, first))
+    else:
+        cos, sin = first, second
+    return cos[:, None], sin[:, None]
+
+
+def _rotate(m: Model, layer: int, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embeddings on q `[B, H, T, dh]` and k `[B, H_kv, T, dh]` (on the first `rotary_dim` dims)."""
+    if not m.spec.rotary:
         return q, k
-    T = q.shape[-2]
-    check_window(m, T)
-    rotary = m.module(m.spec.blocks.rsplit(".", 1)[0] + ".rotary_emb")
-    positions = torch.arange(T, device=q.device)[None]
-    cos, sin = (t[:, None] for t in rotary(q, positions))  # (1, 1, T, rotary_dim)
+    cos, sin = _rotary_tables(m, layer, q, q.shape[-2])
     r = cos.shape[-1]
+
+    def turned(x):  # the rotation's partner of each coordinate
+        if m.spec.rotary == "half":
+            return torch.cat((-x[..., r // 2:], x[..., :r // 2]), -1)
+        return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
 
     def apply(x):
         x_rot, x_pass = x[..., :r], x[..., r:]
-        half = torch.cat((-x_rot[..., r // 2:], x_rot[..., :r // 2]), -1)
-        return torch.cat((x_rot * cos + half * sin, x_pass), -1)
+        return torch.cat((x_rot * cos + turned(x_rot) * sin, x_pass), -1)
 
     return apply(q), apply(k)
 
 
-def check_window(m: Model, T: int) -> None:
-    """Sliding-window attention (Mistral) is not implemented: refuse prompts longer than the window."""
-    window = getattr(m.hf.config, "sliding_window", None)
-    if window and getattr(m.hf.config, "use_sliding_window", True) and T > window:
-        raise NotImplementedError(f"prompts of {T} tokens exceed {m.name}'s sliding window ({window}); the "
-                                  "edge-wise forward implements full causal attention only")
+def mask(m: Model, layer: int, T: int, device) -> torch.Tensor:
+    """Which keys each query sees `[T, T]`: causal, within the layer's sliding window if it has one."""
+    query, key = torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None]
+    seen = key <= query
+    window = m.spec.window(m.config, layer)
+    return seen & (key > query - window) if window is not None else seen
 
 
 def _scores(m: Model, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal attention pattern `[B, H, T, T]` from q `[B, H, T, dh]`, k `[B, H_kv, T, dh]` (pre-rotary)."""
-    q, k = _rotate(m, q, k)
+    """Attention pattern `[B, H, T, T]` from q `[B, H, T, dh]`, k `[B, H_kv, T, dh]` (after q/k norms, before rotary)."""
+    q, k = _rotate(m, layer, q, k)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)  # GQA: query head h reads kv head h // group
-    T = q.shape[-2]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     logits = (q @ k.transpose(-1, -2)) * attention_scale(m, layer)  # (B, H, T, T)
-    return F.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    logits = softcap(logits, m.spec.scale(m.config, m.spec.attn_softcap))
+    seen = mask(m, layer, q.shape[-2], q.device)
+    return F.softmax(logits.masked_fill(~seen, float("-inf")), dim=-1)
 
 
 def _project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -187,25 +211,91 @@ def _project(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bntd,nde->bnte", x, W) + b
 
 
+def _queries_or_keys(m: Model, layer: int, which: str, x: torch.Tensor, W: torch.Tensor,
+                     b: torch.Tensor) -> torch.Tensor:
+    """Queries or keys `[B, n, T, dh]` from inputs x `[B, n | 1, T, D]`, through the spec's q/k norm."""
+    y = _project(x, W, b)
+    norm = m.optional(m.spec.q_norm if which == "q" else m.spec.k_norm, layer)
+    if norm is None:
+        return y
+    n, D, dh = W.shape
+    if m.spec.qk_norm_over == "head":  # over d_head, in the model's [B, T, n, dh] layout
+        return norm(y.transpose(1, 2)).transpose(1, 2)
+    if x.shape[1] == 1:  # over all heads together, one input for all
+        return norm(y.transpose(1, 2).flatten(2)).unflatten(-1, (n, dh)).transpose(1, 2)
+    # Each receiver's input through every head, normalized together; receiver i keeps head i.
+    every = torch.einsum("bitd,de->bite", x, W.transpose(0, 1).reshape(D, n * dh)) + b.reshape(n * dh)
+    normed = norm(every).unflatten(-1, (n, dh))  # (B, n receivers, T, n heads, dh)
+    return torch.diagonal(normed, dim1=1, dim2=3).permute(0, 3, 1, 2)
+
+
+def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The root-mean-square an RMSNorm divides x `[..., D]` by, `[..., 1]`, with the module's own epsilon."""
+    eps = getattr(norm, "eps", None)
+    eps = getattr(norm, "variance_epsilon", None) if eps is None else eps
+    if eps is None or getattr(norm, "bias", None) is not None:
+        raise NotImplementedError(f"a post-norm must be an RMSNorm keeping `eps` or `variance_epsilon` to split "
+                                  f"it over heads; got {type(norm).__name__}")
+    return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def _scaled(m: Model, x: torch.Tensor) -> torch.Tensor:
+    """x times the family's residual scale (Granite's `residual_multiplier`), if any."""
+    scale = m.spec.scale(m.config, m.spec.residual_scale)
+    return x if scale is None else x * scale
+
+
+def to_residual(m: Model, layer: int, heads: torch.Tensor, b_O: torch.Tensor) -> torch.Tensor:
+    """What each head adds to the residual `[B, H, T, D]`, from its output projection `heads` `[B, H, T, D]`.
+
+    With a post-norm the bias is shared out over the heads and each head gets its share of the normed
+    sum (see the module doc); `attention_bias` is then zero."""
+    post = m.optional(m.spec.attn_post_norm, layer)
+    if post is not None:
+        parts = heads + b_O / heads.shape[1]
+        whole = parts.sum(1, keepdim=True)  # (B, 1, T, D)
+        heads = post(parts) * _rms(post, parts) / _rms(post, whole)
+    return _scaled(m, heads)
+
+
+def attention_bias(m: Model, layer: int, w: dict) -> torch.Tensor:
+    """What the attention adds to the residual besides the heads `[D]`: the output bias (0 under a post-norm)."""
+    return torch.zeros_like(w["b_O"]) if m.spec.attn_post_norm else _scaled(m, w["b_O"])
+
+
 def attend(m: Model, layer: int, x_qkv: torch.Tensor, w: dict | None = None) -> torch.Tensor:
-    """Per-head outputs `[B, H, T, D]` from per-receiver pre-norm inputs `x_qkv` `[B, H + 2 H_kv | 1, T, D]`."""
+    """What each head adds to the residual `[B, H, T, D]`, from per-receiver pre-norm inputs
+    `x_qkv` `[B, H + 2 H_kv | 1, T, D]`."""
     w = w or attention_weights(m, layer)
+    return to_residual(m, layer, _head_projections(m, layer, x_qkv, w), w["b_O"])
+
+
+def attention_output(m: Model, layer: int, resid: torch.Tensor) -> torch.Tensor:
+    """The attention module's own output `[B, T, D]` (its output projection, before any post-norm or
+    residual scale) from the layer's residual input `[B, T, D]`, as this forward computes it."""
+    w = attention_weights(m, layer)
+    return _head_projections(m, layer, resid[:, None], w).sum(1) + w["b_O"]
+
+
+def _head_projections(m: Model, layer: int, x_qkv: torch.Tensor, w: dict) -> torch.Tensor:
+    """Each head's output projection `[B, H, T, D]` (no bias) from per-receiver inputs `x_qkv`."""
     H, Hkv = w["W_Q"].shape[0], w["W_K"].shape[0]
-    normed = m.module(m.spec.attn_norm, layer)(x_qkv)
+    normed = _norm(m, m.spec.attn_norm, layer, x_qkv)
     q_in, k_in, v_in = (normed,) * 3 if normed.shape[1] == 1 else normed.split([H, Hkv, Hkv], 1)
-    q = _project(q_in, w["W_Q"], w["b_Q"])  # (B, H, T, dh)
-    k = _project(k_in, w["W_K"], w["b_K"])  # (B, H_kv, T, dh)
+    q = _queries_or_keys(m, layer, "q", q_in, w["W_Q"], w["b_Q"])  # (B, H, T, dh)
+    k = _queries_or_keys(m, layer, "k", k_in, w["W_K"], w["b_K"])  # (B, H_kv, T, dh)
     v = _project(v_in, w["W_V"], w["b_V"]).repeat_interleave(H // Hkv, 1)
     return torch.einsum("bhte,hed->bhtd", _scores(m, layer, q, k) @ v, w["W_O"])  # (B, H, T, D)
 
 
 def kv_head(m: Model, head: int) -> int:
     """The key/value head (and k, v receiver index) that query head `head` reads."""
-    return head // (m.n_heads // m.n_kv_heads)
+    return m.spec.kv_head(head, m.n_heads, m.n_kv_heads)
 
 
 def attend_head(m: Model, layer: int, head: int, x_qkv: torch.Tensor) -> torch.Tensor:
     """One head's output `[B, T, D]` from its own q, k, v inputs `x_qkv` `[B, 3, T, D]`."""
+    check_per_head(m, "a single head's forward")
     w = attention_weights(m, layer)
     g = kv_head(m, head)
     one = {name: t if name == "b_O" else t[g:g + 1] if name[-1] in "KV" else t[head:head + 1]
@@ -216,40 +306,45 @@ def attend_head(m: Model, layer: int, head: int, x_qkv: torch.Tensor) -> torch.T
 def pattern(m: Model, layer: int, resid: torch.Tensor) -> torch.Tensor:
     """Attention pattern `[B, H, T, T]` of one layer given its residual input `[B, T, D]`."""
     w = attention_weights(m, layer)
-    normed = m.module(m.spec.attn_norm, layer)(resid)[:, None]  # (B, 1, T, D)
-    return _scores(m, layer, _project(normed, w["W_Q"], w["b_Q"]), _project(normed, w["W_K"], w["b_K"]))
+    normed = _norm(m, m.spec.attn_norm, layer, resid)[:, None]  # (B, 1, T, D)
+    q = _queries_or_keys(m, layer, "q", normed, w["W_Q"], w["b_Q"])
+    return _scores(m, layer, q, _queries_or_keys(m, layer, "k", normed, w["W_K"], w["b_K"]))
 
 
 def embed(m: Model, tokens: torch.Tensor) -> torch.Tensor:
-    """Token (+ learned position) embedding `[B, T, D]` of `tokens` `[B, T]`."""
+    """Token (+ learned position) embedding `[B, T, D]` of `tokens` `[B, T]`, times any embedding scale."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
     x = m.module(m.spec.embed)(tokens)
-    if m.spec.pos_embed is None:
-        return x
-    return x + m.module(m.spec.pos_embed)(torch.arange(tokens.shape[1], device=tokens.device))
+    if m.spec.pos_embed is not None:
+        x = x + m.module(m.spec.pos_embed)(torch.arange(tokens.shape[1], device=tokens.device))
+    scale = m.spec.scale(m.config, m.spec.embed_scale)
+    return x if scale is None else x * scale
 
 
 def mlp(m: Model, layer: int, x: torch.Tensor) -> torch.Tensor:
-    return m.module(m.spec.mlp, layer)(m.module(m.spec.mlp_norm, layer)(x))
+    """What the MLP adds to the residual `[B, T, D]` given its pre-norm input x: through its pre- and post-norm."""
+    out = m.module(m.spec.mlp, layer)(_norm(m, m.spec.mlp_norm, layer, x))
+    return _scaled(m, _norm(m, m.spec.mlp_post_norm, layer, out))
 
 
 def unembed(m: Model, x: torch.Tensor) -> torch.Tensor:
-    return m.module(m.spec.unembed)(m.module(m.spec.final_norm)(x))
+    """Logits from the final residual `[B, T, D]`: final norm, then `Model.final_logits`."""
+    return m.final_logits(m.module(m.spec.final_norm)(x))
 
 
 def run(m: Model, embeds: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
     """Logits `[B, T, d_vocab]` from embeddings `[B, T, D]` (see `embed`), under `hooks`."""
     check_supported(m)
     hooks = hooks or Hooks()
-    parallel = is_parallel(m)
+    parallel = m.spec.is_parallel(m.config)
     resid = hooks.embed_output(embeds)
     for layer in range(m.n_layers):
         w = attention_weights(m, layer)
         heads = hooks.frozen_heads(layer, resid)
         if heads is None:
             heads = attend(m, layer, hooks.qkv_input(layer, resid), w)
-        attn_out = hooks.heads_output(layer, heads).sum(1) + w["b_O"]
+        attn_out = hooks.heads_output(layer, heads).sum(1) + attention_bias(m, layer, w)
         if parallel:
             out = hooks.mlp_output(layer, mlp(m, layer, hooks.mlp_input(layer, resid)))
             resid = resid + attn_out + out

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from scipy import stats
-from tqdm.auto import tqdm
 
-from . import attribution, checks, patching, updates
+from . import attribution, bars, checks, figures, metrics, patching
+from .components import component_masks, component_names, of_type
+from .metrics import Metric
 from .model import Model
-from .scores import Scores
+from .scores import Scores, top_order
 from .tasks import Task
 
 LOCATORS = ("patching", "attribution")
@@ -50,7 +51,7 @@ def _component_scores(values: torch.Tensor, names: list[str], meta: dict) -> Sco
 
 def component_scores(m: Model, task: Task, locator: str | Callable = "patching", position: str = "all",
                      remote: bool = False, **options) -> Scores:
-    """Scores over every component (`updates.component_names(m)` order: per layer its heads, then its MLP).
+    """Scores over every component (`component_names(m)` order: per layer its heads, then its MLP).
 
     locator "patching": denoising activation patching, normalized: +1 = the component alone restores the
     clean metric. With `position="all"` a patch covers every position (`patching.heads`,
@@ -62,7 +63,7 @@ def component_scores(m: Model, task: Task, locator: str | Callable = "patching",
     is used as it is. `options` go to the patching sweeps or to `attribution.nodes`. `remote=True` runs
     the patching or attribution on NDIF (a callable locator gets no `remote`: refused).
     """
-    names = updates.component_names(m)
+    names = component_names(m)
     if position not in ("all", "final"):
         raise ValueError(f"position must be 'all' (patch every position) or 'final', got {position!r}")
     meta = {"task": task.name, "locator": locator, "position": position,
@@ -104,28 +105,17 @@ def _check_components(a: Scores, b: Scores, what: str = "scores") -> None:
                          f"{b.labels['component'][:4]}...; compare scores of models with the same architecture")
 
 
-def kind_of(name: str) -> str:
-    """"head" for `a{l}.h{h}`, "mlp" for `m{l}`."""
-    if name.startswith("a") and ".h" in name:
-        return "head"
-    if name.startswith("m") and name[1:].isdigit():
-        return "mlp"
-    raise ValueError(f"{name!r} is not a component name ('a{{layer}}.h{{head}}' or 'm{{layer}}')")
-
-
-def _kind_filter(names: list[str], kind: str | None) -> list[str]:
-    if kind not in (None, "head", "mlp"):
-        raise ValueError(f"kind must be None, 'head' or 'mlp', got {kind!r}")
-    return [n for n in names if kind is None or kind_of(n) == kind]
-
-
 def top_components(s: Scores, k: int) -> list[str]:
     """The k components with the largest |score|, largest first (ties broken by component order)."""
     names = s.labels["component"]
-    if not (isinstance(k, int) and 1 <= k <= len(names)):
-        raise ValueError(f"k must be an int between 1 and {len(names)} (the number of components), got {k!r}")
-    order = s.values.abs().argsort(descending=True, stable=True)[:k]
-    return [names[i] for i in order.tolist()]
+    return [names[i] for i in _top_flat(s, k)]
+
+
+def _top_flat(s: Scores, k: int) -> list[int]:
+    """Flat indices of the k entries with the largest |value|, largest first (`top_order`'s rule)."""
+    checks.count(k, "k", high=s.values.numel())
+    checks.finite(s.values, "the scores ranked")  # NaN would be ranked first
+    return top_order(s.values, k).tolist()
 
 
 def jaccard_distance(a: set | list, b: set | list) -> float:
@@ -134,21 +124,28 @@ def jaccard_distance(a: set | list, b: set | list) -> float:
     return 0.0 if not (a | b) else 1 - len(a & b) / len(a | b)
 
 
-def circuit_distance(a: Scores, b: Scores, k: int, kind: str | None = None) -> float:
-    """`1 - Jaccard` of the top-k components of `a` and of `b` by |value|.
+def circuit_distance(a: Scores, b: Scores, k: int, component: str | None = None) -> float:
+    """`1 - Jaccard` of the top-k entries of `a` and of `b` by |value|: any two Scores over the same dims
+    and labels (components, (layer, head), edges, ...).
 
-    With `kind` ("head" or "mlp") the two top-k circuits are compared on that kind only.
+    With `component` ("head" or "mlp"; component Scores only) the two top-k circuits are compared on that
+    component type only.
     """
+    if component is None and not a.dims == b.dims == ("component",):
+        if a.dims != b.dims or a.shape != b.shape or a.labels != b.labels:
+            raise ValueError(f"circuit_distance compares Scores over the same dims and labels, got {a.dims} "
+                             f"{tuple(a.shape)} and {b.dims} {tuple(b.shape)}")
+        return jaccard_distance(_top_flat(a, k), _top_flat(b, k))
     _check_components(a, b)
-    keep = set(_kind_filter(a.labels["component"], kind))
+    keep = set(of_type(a.labels["component"], component))
     return jaccard_distance(set(top_components(a, k)) & keep, set(top_components(b, k)) & keep)
 
 
-def weighted_distance(a: Scores, b: Scores, kind: str | None = None) -> float:
-    """`1 - Σ min(|a|, |b|) / Σ max(|a|, |b|)` over every component (of `kind`, if given)."""
+def weighted_distance(a: Scores, b: Scores, component: str | None = None) -> float:
+    """`1 - Σ min(|a|, |b|) / Σ max(|a|, |b|)` over every component (of `component`, if given)."""
     _check_components(a, b)
     names = a.labels["component"]
-    keep = set(_kind_filter(names, kind))
+    keep = set(of_type(names, component))
     idx = [i for i, n in enumerate(names) if n in keep]
     x, y = a.values[idx].abs(), b.values[idx].abs()
     total = torch.maximum(x, y).sum()
@@ -179,7 +176,7 @@ def _activations(m: Model, tokens: torch.Tensor, remote: bool = False) -> tuple[
 
 def _masks(m: Model, circuits: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """`[C, L, H]` head and `[C, L]` MLP membership of each circuit."""
-    index = {n: i for i, n in enumerate(updates.component_names(m))}
+    index = {n: i for i, n in enumerate(component_names(m))}
     member = torch.zeros(len(circuits), len(index), dtype=torch.bool)
     for c, circuit in enumerate(circuits):
         unknown = [n for n in circuit if n not in index]
@@ -192,27 +189,34 @@ def _masks(m: Model, circuits: list[list[str]]) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def node_faithfulness(m: Model, task: Task, circuits: list[list[str]], final_only: bool = False,
-                      circuits_per_run: int = 16, remote: bool = False) -> torch.Tensor:
+                      circuits_per_run: int = 16, metric: Metric | None = None, remote: bool = False) -> torch.Tensor:
     """Faithfulness of each circuit (a list of component names) on `m`: `[len(circuits)]`.
 
     Run `m` on the corrupt prompts with every component of the circuit set to its output on the clean
     prompt (a head: its `d_head` columns of the attention output projection's input; an MLP: its output),
     the rest computed as usual; faithfulness is `(m_circuit - m_corrupt) / (m_clean - m_corrupt)` of the
-    mean task metric. 0 for the empty circuit; 1 for all components when the final token is the same in
+    mean `metric` (the one signature, `metrics.Metric`; default: the task's logit difference). 0 for the empty circuit; 1 for all components when the final token is the same in
     the clean and corrupt prompts (the embeddings stay corrupt). With `final_only` components take their
     clean output at the final position only (earlier positions stay corrupt). Rows of one run carry
     different circuits. `remote=True` runs every forward on NDIF.
     """
-    task.check_paired()
+    checks.task(m, task)  # ids in range and no active dropout, before the runs
+    checks.batch_size(circuits_per_run, "circuits_per_run")
     checks.remote(m, remote)
+    metric = metric or metrics.task_metric(task)
     heads, mlps = _masks(m, circuits)
     z_clean, mlp_clean = _activations(m, task.clean, remote)
-    clean = task.metric(m.logits(task.clean, remote=remote)).mean().item()
-    corrupt = task.metric(m.logits(task.corrupt, remote=remote)).mean().item()
+    n, dh = len(task), m.d_head
+    rows = torch.arange(n)
+    clean_values = metrics.apply(metric, m.logits(task.clean, remote=remote), rows)
+    corrupt_values = metrics.apply(metric, m.logits(task.corrupt, remote=remote), rows)
+    # finite, and a gap to divide by; no noise warning: `track` measures checkpoints before the task is
+    # learned on purpose and records each gap itself (`Trajectory.gap`)
+    metrics.check_gap(clean_values, corrupt_values, normalize=False, what=f"the {task.name} task on {m.name}")
+    clean, corrupt = clean_values.mean().item(), corrupt_values.mean().item()
     if abs(clean - corrupt) < 1e-12:
         raise ValueError(f"{task.name}: clean and corrupt prompts score the same on {m.name}, so faithfulness "
                          "is undefined; use a task the model distinguishes")
-    n, dh = len(task), m.d_head
     where = torch.zeros(task.clean.shape[1], 1, dtype=torch.bool, device=m.device)  # (T, 1): positions patched
     where[-1 if final_only else slice(None)] = True
     values = []
@@ -229,8 +233,7 @@ def node_faithfulness(m: Model, task: Task, circuits: list[list[str]], final_onl
                 mo = m.envoy(m.spec.mlp_out, layer)
                 mo.output = torch.where(on.to(m.device) & where, mlp_clean[layer].repeat(C, 1, 1), mo.output)
             logits = m.nn.output.logits[:, -1].save()
-        metric = task[torch.arange(n).repeat(C)].metric(logits)
-        values.append(metric.view(C, n).mean(1).cpu())
+        values.append(metrics.apply(metric, logits, rows.repeat(C)).view(C, n).mean(1).cpu())
     return (torch.cat(values) - corrupt) / (clean - corrupt)
 
 
@@ -243,14 +246,14 @@ def component_outputs(m: Model, tokens: torch.Tensor, remote: bool = False) -> t
     computed inside the trace (with `remote=True`, on NDIF, where the weights are).
     """
     checks.remote(m, remote)
+    checks.tokens(m, tokens)
     dh, H = m.d_head, m.n_heads
     with torch.no_grad(), m.nn.trace(tokens.to(m.device), remote=remote):
         outs = []
         for layer in range(m.n_layers):
             project = m.envoy(m.spec.head_values, layer)
             z = project.input  # (B, T, H*dh)
-            w = project.weight  # Conv1D [H*dh, D]; Linear [D, H*dh]
-            w = w if m.spec.conv1d else w.T
+            w = m.spec.as_linear(project.weight).T  # [H*dh, D]
             zl = z.reshape(-1, H, dh)  # (B*T, H, dh)
             outs += [zl[:, h] @ w[h * dh:(h + 1) * dh] for h in range(H)]
             mlp = m.envoy(m.spec.mlp_out, layer).output
@@ -273,47 +276,47 @@ def representational_stability(m_s: Model, m_t: Model, tokens: torch.Tensor, rem
     """Per component, linear CKA of its outputs under `m_s` and `m_t` on the same `tokens` `[B, T]`."""
     a, b = component_outputs(m_s, tokens, remote), component_outputs(m_t, tokens, remote)
     values = torch.tensor([linear_cka(x, y) for x, y in zip(a, b)])
-    return _component_scores(values, updates.component_names(m_s), {"title": "linear CKA of component outputs"})
+    return _component_scores(values, component_names(m_s), {"title": "linear CKA of component outputs"})
 
 
 # ---- conflict ----
 
-def task_loss(task: Task, kind: str = "ce") -> Callable[[torch.nn.Module], torch.Tensor]:
+def task_loss(task: Task, loss: str = "ce") -> Callable[[torch.nn.Module], torch.Tensor]:
     """A task's loss as a function of the Hugging Face model, on its clean prompts: "ce", the mean
     cross-entropy of the answer token (what fine-tuning on the task minimizes), or "logit_diff", minus
     the mean task metric (logit(answer) - logit(wrong)), which ignores every other token."""
-    if kind not in ("ce", "logit_diff"):
-        raise ValueError(f"kind must be 'ce' or 'logit_diff', got {kind!r}")
+    if loss not in ("ce", "logit_diff"):
+        raise ValueError(f"loss must be 'ce' or 'logit_diff', got {loss!r}")
 
-    def loss(hf):
+    def value(hf):
         logits = hf(task.clean.to(hf.device)).logits[:, -1]
-        if kind == "ce":
+        if loss == "ce":
             return F.cross_entropy(logits, task.answer.to(logits.device))
         return -task.metric(logits).mean()
-    return loss
+    return value
 
 
 def gradient_conflict(m: Model, loss_a: Task | Callable, loss_b: Task | Callable,
-                      names: list[str] | None = None, kind: str = "ce", remote: bool = False) -> Scores:
+                      names: list[str] | None = None, loss: str = "ce", remote: bool = False) -> Scores:
     """Per component (default: all), the cosine between the gradients of two losses restricted to the
-    component's parameters (`updates.component_masks`). A Task stands for its `task_loss(task, kind)`.
+    component's parameters (`component_masks`). A Task stands for its `task_loss(task, loss)`.
 
     -1: the two losses pull the component's parameters in exactly opposite directions; NaN where a
     gradient is zero on the component. Local only (`remote=True` raises).
     """
     checks.local_only(remote, "evolution.gradient_conflict", "it differentiates the losses with respect to "
                       "every weight of the Hugging Face model (torch.autograd over a plain forward, not a trace)")
-    names = updates.component_names(m) if names is None else list(names)
+    names = component_names(m) if names is None else list(names)
     params = dict(m.hf.named_parameters())
     grads = []
-    for loss in (loss_a, loss_b):
-        loss = task_loss(loss, kind) if isinstance(loss, Task) else loss
-        value = loss(m.hf)
+    for given in (loss_a, loss_b):
+        loss_fn = task_loss(given, loss) if isinstance(given, Task) else given
+        value = loss_fn(m.hf)
         grads.append(dict(zip(params, torch.autograd.grad(value, list(params.values()), allow_unused=True))))
     values = []
     for name in names:
         dot = na = nb = 0.0
-        for pname, mask in updates.component_masks(m, [name]).items():
+        for pname, mask in component_masks(m, [name]).items():
             ga, gb = (g[pname] if g[pname] is not None else torch.zeros_like(mask) for g in grads)
             ga, gb = (ga * mask).double(), (gb * mask).double()
             dot, na, nb = dot + (ga * gb).sum(), na + (ga * ga).sum(), nb + (gb * gb).sum()
@@ -362,13 +365,13 @@ class Trajectory:
             raise ValueError(f"reference must be 'first' (checkpoint 0) or 'previous', got {reference!r}")
         return 0 if reference == "first" else max(t - 1, 0)
 
-    def distance(self, task: str, reference: str = "first", kind: str | None = None,
+    def distance(self, task: str, reference: str = "first", component: str | None = None,
                  weighted: bool = False) -> torch.Tensor:
         """Circuit distance of each checkpoint to checkpoint 0 (or to the previous one): `[n_ckpt]`."""
         out = []
         for t in range(len(self.labels)):
             a, b = self.score(task, self._ref(t, reference)), self.score(task, t)
-            out.append(weighted_distance(a, b, kind) if weighted else circuit_distance(a, b, self.k, kind))
+            out.append(weighted_distance(a, b, component) if weighted else circuit_distance(a, b, self.k, component))
         return torch.tensor(out)
 
     def rank_stability(self, task: str, reference: str = "first") -> torch.Tensor:
@@ -398,8 +401,8 @@ class Trajectory:
         C_t on θ_t, mean CKA."""
         cols = {
             "gap": self.gap[task],
-            "dist@0": self.distance(task), "heads": self.distance(task, kind="head"),
-            "mlps": self.distance(task, kind="mlp"), "weighted": self.distance(task, weighted=True),
+            "dist@0": self.distance(task), "heads": self.distance(task, component="head"),
+            "mlps": self.distance(task, component="mlp"), "weighted": self.distance(task, weighted=True),
             "dist@prev": self.distance(task, "previous"), "spearman@0": self.rank_stability(task),
             "F(C_0)": self.faithfulness[task][0], "F(C_t)": self.faithfulness[task].diagonal(),
             "lag": self.lag(task), "CKA@0": self.cka[task].nanmean(1),
@@ -411,24 +414,18 @@ class Trajectory:
         return "\n".join(lines)
 
     def curves_figure(self, task: str):
-        from .viz import trajectory_curves
-
-        return trajectory_curves(self, task)
+        return figures.draw("trajectory_curves", self, task)
 
     def heatmap(self, task: str):
-        from .viz import trajectory_heatmap
-
-        return trajectory_heatmap(self, task)
+        return figures.draw("trajectory_heatmap", self, task)
 
     def conflict_figure(self):
-        from .viz import trajectory_conflict
-
-        return trajectory_conflict(self)
+        return figures.draw("trajectory_conflict", self)
 
 
 def track(checkpoints: list[tuple[str, Model]], tasks: dict[str, Task] | list[Task], k: int = 8,
           locator: str | Callable = "patching", position: str = "all", conflicts: list[tuple[str, str]] = (),
-          conflict_loss: str = "ce", cka_examples: int = 16, progress: bool = True, remote: bool = False,
+          conflict_loss: str = "ce", cka_examples: int = 16, progress: bool | None = None, remote: bool = False,
           **options) -> Trajectory:
     """Locate each task's circuit at every checkpoint and measure distance, stability and conflict.
 
@@ -447,22 +444,32 @@ def track(checkpoints: list[tuple[str, Model]], tasks: dict[str, Task] | list[Ta
     if not checkpoints:
         raise ValueError("track needs at least one (label, Model) checkpoint")
     if not isinstance(tasks, dict):
+        tasks = list(tasks)
+        checks.unique_names([t.name for t in tasks], "the tasks")  # one name would merge two tasks
         tasks = {t.name: t for t in tasks}
+    checks.nonempty(tasks, "tasks")
+    checks.unique_names([label for label, _ in checkpoints], "the checkpoints")
+    checks.count(cka_examples, "cka_examples", low=2)  # CKA of one example is 0/0; a negative count would slice
     for a, b in conflicts:
         if a not in tasks or b not in tasks:
             raise ValueError(f"conflict pair ({a!r}, {b!r}) names a task not in {list(tasks)}")
     labels, models = [lab for lab, _ in checkpoints], [m for _, m in checkpoints]
-    components = updates.component_names(models[0])
+    components = component_names(models[0])
+    checks.count(k, "k", high=len(components))  # before any sweep, not after every checkpoint
     for label, m in checkpoints:
-        if updates.component_names(m) != components:
-            raise ValueError(f"checkpoint {label!r} has a different architecture from {labels[0]!r}")
+        if component_names(m) != components or checks.shape_record(m) != checks.shape_record(models[0]):
+            raise ValueError(f"checkpoint {label!r} has a different architecture from {labels[0]!r}: "
+                             f"{checks.shape_record(m)} vs {checks.shape_record(models[0])}; track checkpoints "
+                             "of one model (same family, width and vocabulary)")
+        for task in tasks.values():
+            checks.task(m, task)
     scores = {name: [] for name in tasks}
     gap = {name: [] for name in tasks}
     cka = {name: [] for name in tasks}
     cosine = {pair: [] for pair in conflicts}
     reference = {name: component_outputs(models[0], task.clean[:cka_examples], remote)
                  for name, task in tasks.items()}
-    for m in tqdm(models, desc="checkpoints", disable=not progress):
+    for m in bars.bar(models, progress, "checkpoints"):
         for name, task in tasks.items():
             scores[name].append(component_scores(m, task, locator, position, remote=remote, **options).values)
             gap[name].append(task.metric(m.logits(task.clean, remote=remote)).mean()
@@ -470,7 +477,7 @@ def track(checkpoints: list[tuple[str, Model]], tasks: dict[str, Task] | list[Ta
             outs = component_outputs(m, task.clean[:cka_examples], remote)
             cka[name].append(torch.tensor([linear_cka(x, y) for x, y in zip(reference[name], outs)]))
         for a, b in conflicts:
-            cosine[(a, b)].append(gradient_conflict(m, tasks[a], tasks[b], kind=conflict_loss).values)
+            cosine[(a, b)].append(gradient_conflict(m, tasks[a], tasks[b], loss=conflict_loss).values)
     traj = Trajectory(labels, components, k, {n: torch.stack(v) for n, v in scores.items()},
                       {n: torch.stack(v).cpu() for n, v in gap.items()}, {},
                       {n: torch.stack(v) for n, v in cka.items()}, {p: torch.stack(v) for p, v in cosine.items()},

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .edgewise import is_parallel
+from . import figures
+from .scores import top_order
+
 
 
 class Graph:
@@ -59,7 +61,17 @@ class Graph:
 
     @classmethod
     def from_model(cls, m) -> Graph:
-        return cls(m.n_layers, m.n_heads, m.n_kv_heads, is_parallel(m))
+        return cls(m.n_layers, m.n_heads, m.n_kv_heads, m.spec.is_parallel(m.config))
+
+    def check_model(self, m) -> None:
+        """Refuse a model this graph was not built for (its edges would index the wrong layers and heads)."""
+        mine, theirs = self._shape(), Graph.from_model(m)._shape()
+        if mine != theirs:
+            raise ValueError(f"this circuit's graph has (layers, heads, kv heads, parallel) = {mine} but {m.name} "
+                             f"has {theirs}; build the circuit on this model (Graph.from_model(m))")
+
+    def _shape(self) -> tuple:
+        return self.n_layers, self.n_heads, self.n_kv_heads, self.parallel
 
     def __repr__(self) -> str:
         return f"Graph({len(self.senders)} senders, {len(self.receivers)} receivers, {self.n_edges} edges)"
@@ -123,14 +135,14 @@ class Circuit:
         best = ", ".join(f"{s}->{r}: {v:+.3g}" for s, r, v in self.edges()[:3])
         return f"Circuit({self.n_edges}/{self.graph.n_edges} edges; top: {best})"
 
-    def top(self, n: int) -> Circuit:
-        """The `n` edges of this circuit with the largest |score|."""
-        if not 0 <= n <= self.n_edges:
-            raise ValueError(f"n must be between 0 and {self.n_edges} (the edges in this circuit), got {n}")
-        magnitude = torch.where(self.mask, self.scores.abs(), torch.tensor(-1.0)).flatten()
+    def top(self, k: int) -> Circuit:
+        """The `k` edges of this circuit with the largest |score|."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.n_edges:
+            raise ValueError(f"k must be an int between 0 and {self.n_edges} (the edges in this circuit), got {k!r}")
+        magnitude = torch.where(self.mask, self.scores.abs(), torch.tensor(-1.0))  # out-of-circuit edges last
         keep = torch.zeros(magnitude.numel(), dtype=torch.bool)
-        keep[magnitude.argsort(descending=True, stable=True)[:n]] = True
-        return Circuit(self.graph, self.scores, keep.view_as(self.mask), {**self.meta, "selection": f"top {n}"})
+        keep[top_order(magnitude, k, by_abs=False)] = True
+        return Circuit(self.graph, self.scores, keep.view_as(self.mask), {**self.meta, "selection": f"top {k}"})
 
     def threshold(self, tau: float) -> Circuit:
         """The edges of this circuit with |score| >= `tau`."""
@@ -145,6 +157,4 @@ class Circuit:
         return [(self.graph.senders[s_idx[i]], self.graph.receivers[r_idx[i]], values[i].item()) for i in order]
 
     def plot(self, title: str | None = None, **kwargs):
-        from .viz import circuit_figure
-
-        return circuit_figure(self, title=title, **kwargs)
+        return figures.draw("circuit", self, title=title, **kwargs)

@@ -35,7 +35,7 @@ def logit_lens(m, tokens: torch.Tensor, target: torch.Tensor | None = None, remo
         for layer in range(m.n_layers):
             resid = blocks[layer].output
             resid = resid if resid.dim() == 3 else resid[0]  # (1, T, d_model)
-            probs.append(unembed(norm(resid))[0].softmax(-1))  # (T, V)
+            probs.append(m.final_logits(norm(resid), unembed)[0].softmax(-1))  # (T, V)
         probs = torch.stack(probs)  # (L, T, V)
         wanted = probs[-1].argmax(-1) if target is None else target.reshape(-1).to(probs.device)
         values = probs[:, torch.arange(n_pos), wanted].cpu().save()  # (L, T)

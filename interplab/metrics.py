@@ -73,9 +73,15 @@ def normalized_effect(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """`KL(P || Q)` between the final-position next-token distributions, per example: `[n]`."""
-    logp, logq = final(logits_p).log_softmax(-1), final(logits_q).log_softmax(-1)
-    if logp.shape != logq.shape:
-        raise ValueError(f"logits shapes differ: {tuple(logp.shape)} vs {tuple(logq.shape)}")
+    p, q = final(logits_p), final(logits_q)
+    if p.shape != q.shape:
+        raise ValueError(f"logits shapes differ: {tuple(p.shape)} vs {tuple(q.shape)}")
+    return position_kl(p, q)
+
+
+def position_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """`KL(P || Q)` between next-token distributions at every position: `[..., V]` twice -> `[...]`."""
+    logp, logq = logits_p.log_softmax(-1), logits_q.log_softmax(-1)
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
@@ -129,7 +135,7 @@ def check_gap(clean: torch.Tensor, corrupt: torch.Tensor, normalize: bool = True
         spread = torch.cat([clean, corrupt]).std().item()
         stderr = (clean - corrupt).std().item() / math.sqrt(len(clean)) if len(clean) == len(corrupt) else 0.0
         if abs(gap) < 2 * stderr or abs(gap) < 0.1 * spread:
-            why = (f"within two standard errors ({stderr:.3g}) of zero" if abs(gap) < 2 * stderr else
+            why = (f"within two standard errors (2 × SE = {2 * stderr:.3g}) of zero" if abs(gap) < 2 * stderr else
                    f"under a tenth of the metric's spread across prompts (sd {spread:.3g})")
             warnings.warn(
                 f"the clean-vs-corrupt gap on {what} is {gap:+.3g}, {why}: the model hardly tells clean from "

@@ -1,135 +1,41 @@
-"""Loading models and the architecture specs that say where things live.
+"""Loading models: `load()` and `Model`, a Hugging Face causal LM with its tokenizer, nnsight wrapper and spec.
 
-interplab never rewrites weights into a common format. Instead each model
-family gets a small `ArchSpec`: dotted paths, relative to the Hugging Face
-model (or to one block), of the modules an analysis needs. Everything else
-reads modules through `Model.module(...)` / `Model.envoy(...)`.
+interplab never rewrites weights into a common format. Each model family has an
+`ArchSpec` (interplab/specs.py) naming where its modules live and how they are
+wired; everything reads modules through `Model.module(...)` / `Model.envoy(...)`,
+and logits are formed in one place, `Model.final_logits`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 import torch
 import transformers
-from nnsight import TransformersModel
+from transformers.pytorch_utils import Conv1D
 
 from . import checks
+from .remote import NDIFModel, check_model_key, set_model_key
+from .specs import ArchSpec, optional, spec_for  # noqa: F401 (ArchSpec: il.ArchSpec)
 
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
-ORGANISMS = ("interplab/tiny-base", "interplab/tiny-sft", "interplab/tiny-dpo")
+ORGANISMS = ("interplab/tiny-base", "interplab/tiny-sft", "interplab/tiny-dpo", "interplab/mid-base")
+# The recipe stage (`python -m interplab.organisms train <stage>`) of each organism folder.
+ORGANISM_STAGES = {"tiny-base": "base", "tiny-sft": "sft", "tiny-dpo": "dpo", "mid-base": "mid"}
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where one model family keeps the modules interplab needs.
-
-    Paths starting at the model root: `blocks`, `embed`, `pos_embed`,
-    `final_norm`, `unembed`. Paths relative to one block: the rest.
-    `head_values` is the module whose *input* is the concatenation of per-head
-    attention values `[batch, seq, n_heads * d_head]` (the output projection).
-    `conv1d` is True where weights are stored `[in, out]` (GPT-2's Conv1D)
-    rather than `[out, in]` (`nn.Linear`).
-    `qkv` are the projections whose outputs are queries, keys and values:
-    one fused module or three `(q, k, v)`. `qkv_layout` says how to find head
-    h's columns in them: "concat" is `[q | k | v]`, each `[n_heads * d_head]`
-    (GPT-2's c_attn); "interleaved" is per head `[q_h | k_h | v_h]` (NeoX's
-    query_key_value); "separate" is one module each, keys and values over
-    `n_kv_heads` (Llama's grouped-query attention).
-    """
-
-    family: str
-    model_types: tuple[str, ...]
-    blocks: str
-    embed: str
-    pos_embed: str | None
-    final_norm: str
-    unembed: str
-    attn: str
-    attn_norm: str
-    head_values: str
-    mlp: str
-    mlp_norm: str
-    mlp_out: str
-    conv1d: bool = False
-    qkv: tuple[str, ...] = ()
-    qkv_layout: str = ""
-
-
-GPT2 = ArchSpec(
-    family="GPT-2",
-    model_types=("gpt2",),
-    blocks="transformer.h",
-    embed="transformer.wte",
-    pos_embed="transformer.wpe",
-    final_norm="transformer.ln_f",
-    unembed="lm_head",
-    attn="attn",
-    attn_norm="ln_1",
-    head_values="attn.c_proj",
-    mlp="mlp",
-    mlp_norm="ln_2",
-    mlp_out="mlp.c_proj",
-    conv1d=True,
-    qkv=("attn.c_attn",),
-    qkv_layout="concat",
-)
-
-GPT_NEOX = ArchSpec(
-    family="GPT-NeoX",
-    model_types=("gpt_neox",),
-    blocks="gpt_neox.layers",
-    embed="gpt_neox.embed_in",
-    pos_embed=None,
-    final_norm="gpt_neox.final_layer_norm",
-    unembed="lm_head",
-    attn="attention",
-    attn_norm="input_layernorm",
-    head_values="attention.dense",
-    mlp="mlp",
-    mlp_norm="post_attention_layernorm",
-    mlp_out="mlp.dense_4h_to_h",
-    qkv=("attention.query_key_value",),
-    qkv_layout="interleaved",
-)
-
-LLAMA = ArchSpec(
-    family="Llama (Llama, Qwen2, Mistral)",
-    model_types=("llama", "qwen2", "mistral"),
-    blocks="model.layers",
-    embed="model.embed_tokens",
-    pos_embed=None,
-    final_norm="model.norm",
-    unembed="lm_head",
-    attn="self_attn",
-    attn_norm="input_layernorm",
-    head_values="self_attn.o_proj",
-    mlp="mlp",
-    mlp_norm="post_attention_layernorm",
-    mlp_out="mlp.down_proj",
-    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    qkv_layout="separate",
-)
-
-SPECS: tuple[ArchSpec, ...] = (GPT2, GPT_NEOX, LLAMA)
-
-
-def spec_for(hf_model: torch.nn.Module) -> ArchSpec:
-    """The spec for a Hugging Face model, or an error naming the supported families."""
-    model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
-    for spec in SPECS:
-        if model_type in spec.model_types:
-            return spec
-    supported = ", ".join(f"{s.family} {s.model_types}" for s in SPECS)
-    raise NotImplementedError(
-        f"interplab has no architecture spec for model_type={model_type!r}. "
-        f"Supported: {supported}. To add one, define an `ArchSpec` in interplab/model.py "
-        "with the dotted paths of its blocks, norms, attention output projection and MLP "
-        "output (print(model) shows them), and append it to `SPECS`."
-    )
+def linear_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A module's weight in `nn.Linear` orientation `[d_out, d_in]` (Conv1D stores `[d_in, d_out]`)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"{type(module).__name__} has no 2-D `weight`; decompose works on nn.Linear, "
+            "transformers Conv1D, or a module computing `x @ weight.T + bias`."
+        )
+    return weight.T if isinstance(module, Conv1D) else weight
 
 
 def _get(root: torch.nn.Module, path: str):
@@ -148,7 +54,7 @@ class Model:
     """
 
     def __init__(self, hf_model, tokenizer, name: str | None = None, folder: Path | None = None):
-        self._setup(TransformersModel(hf_model.eval(), tokenizer=tokenizer, task="text-generation"), tokenizer,
+        self._setup(NDIFModel(hf_model.eval(), tokenizer=tokenizer, task="text-generation"), tokenizer,
                     name or getattr(hf_model.config, "name_or_path", "") or type(hf_model).__name__, folder)
 
     @classmethod
@@ -158,13 +64,13 @@ class Model:
         options = {"revision": revision, "dtype": dtype}
         if torch.device(device).type != "cpu":
             options["device_map"] = str(device)  # used at dispatch; the meta build drops it
-        wrapped = TransformersModel(str(source), tokenizer=tokenizer, task="text-generation",
+        wrapped = NDIFModel(str(source), tokenizer=tokenizer, task="text-generation",
                                     **{k: v for k, v in options.items() if v is not None})
         m = cls.__new__(cls)
         m._setup(wrapped, tokenizer, name, source if isinstance(source, Path) else None)
         return m
 
-    def _setup(self, wrapped: TransformersModel, tokenizer, name: str, folder: Path | None) -> None:
+    def _setup(self, wrapped: NDIFModel, tokenizer, name: str, folder: Path | None) -> None:
         self.nn = wrapped
         self.tokenizer = tokenizer
         self.name = name
@@ -177,6 +83,11 @@ class Model:
         self.d_model: int = config.hidden_size
         self.d_head: int = getattr(config, "head_dim", None) or self.d_model // self.n_heads
         self.d_vocab: int = config.vocab_size
+
+    @property
+    def is_organism(self) -> bool:
+        """True for a shipped organism, which exists only on this machine (NDIF cannot host it)."""
+        return self.name in ORGANISMS
 
     @property
     def config(self):
@@ -192,7 +103,8 @@ class Model:
         """Load the weights of a lazily built model (a no-op once loaded); runs here call it for you."""
         with _quiet(self.folder is not None):
             self.nn.dispatch()
-        self.nn._module.eval()
+        for module in self.nn._module.modules():  # not .eval(): it may re-kernelize modules nnsight has hooked
+            module.training = False
 
     @property
     def hf(self) -> torch.nn.Module:
@@ -224,6 +136,20 @@ class Model:
             return _get(self.hf, path)
         return _get(self.block(layer), path)
 
+    def optional(self, path: str, layer: int | None = None) -> torch.nn.Module | None:
+        """The module at a spec path that may be empty or absent (norms, q/k norms), else None."""
+        return optional(self.hf if layer is None else self.block(layer), path)
+
+    def final_logits(self, hidden, unembed=None):
+        """The model's logits from the unembedding's input `[..., d_model]` (after the final norm).
+
+        The one place interplab forms logits: the unembedding, then the family's post-processing
+        (Gemma 2's final soft-cap, Cohere's logit scale, Granite's divisor). `unembed` is the
+        unembedding to call (an nnsight envoy inside a trace); by default the module itself.
+        """
+        unembed = unembed if unembed is not None else self.module(self.spec.unembed)
+        return self.spec.post_process(self.config, unembed(hidden))
+
     def block(self, layer: int) -> torch.nn.Module:
         return _get(self.hf, self.spec.blocks)[layer]
 
@@ -237,6 +163,11 @@ class Model:
         """Token ids `[batch, seq]`; all texts must have the same token length."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         rows = [self.encode(t, prepend_bos) for t in texts]
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and any(unk in row for row in rows):
+            words = [t for t, row in zip(texts, rows) if unk in row][:3]
+            warnings.warn(f"{self.name}'s tokenizer does not know some words in {words} and read them as "
+                          f"{self.tokenizer.unk_token!r}; use words from its vocabulary", stacklevel=2)
         lengths = {len(r) for r in rows}
         if len(lengths) > 1:
             raise ValueError(
@@ -257,6 +188,8 @@ class Model:
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, remote: bool = False) -> torch.Tensor:
         """Logits `[batch, seq, d_vocab]`: a plain forward pass, or with `remote=True` one nnsight trace on NDIF."""
+        checks.tokens(self, tokens)
+        checks.deterministic(self.nn._module, "m.logits")
         if not remote:
             return self.hf(tokens.to(self.device)).logits
         checks.remote(self, remote)
@@ -326,6 +259,7 @@ def load(
     dtype: torch.dtype | None = None,
     remote: bool = False,
     lazy: bool = False,
+    model_key: str | None = None,
 ) -> Model:
     """Load a causal LM as a `Model`.
 
@@ -339,8 +273,11 @@ def load(
     the model runs here. `remote=True` (for NDIF) is `lazy=True` for a hub id, so
     `il.load("meta-llama/Llama-3.1-8B", remote=True)` downloads no weights; pass
     `remote=True` again to each function. Organisms and local folders cannot run
-    on NDIF and refuse `remote=True`.
+    on NDIF and refuse `remote=True`, unless `model_key` names the model the
+    server holds: `model_key="org/name"` is the repo id a remote run asks the
+    server for, used as it is (no hub lookup; see `interplab.remote`).
     """
+    check_model_key(model_key)
     if isinstance(name_or_model, torch.nn.Module):
         if tokenizer is None:
             raise ValueError(
@@ -350,14 +287,16 @@ def load(
         if remote or lazy:
             raise ValueError("load(model, remote=True/lazy=True): this model is already built with its weights; "
                              "pass a hub id instead, il.load(name, remote=True), to build it without weights.")
-        return Model(name_or_model.to(device), tokenizer)
+        m = Model(name_or_model.to(device), tokenizer)
+        set_model_key(m, model_key)
+        return m
 
     name = str(name_or_model)
     if name in ORGANISMS:
         if revision is not None:
             raise ValueError(f"{name} is a shipped organism with one version; drop revision={revision!r} (the SFT "
                              "checkpoint series is rebuilt by `python -m interplab.organisms`)")
-        if remote:
+        if remote and model_key is None:
             raise ValueError(f"remote=True runs on NDIF, which hosts hub models only; {name} is a local organism. "
                              "Drop remote=True (organisms run in seconds on a CPU), or pass lazy=True to build "
                              "it without weights.")
@@ -365,8 +304,9 @@ def load(
         if not lazy and not (source / "model.safetensors").exists():
             raise FileNotFoundError(
                 f"the weights of {name} are missing from {source}. Rebuild them with "
-                f"`python -m interplab.organisms train {name.split('-', 1)[1]}`."
+                f"`python -m interplab.organisms train {ORGANISM_STAGES[source.name]}`."
             )
+        dtype = torch.float32 if dtype is None else dtype  # mid-base is stored in float16 to keep it small
     elif name.startswith("interplab/"):
         raise ValueError(f"unknown organism {name!r}; the shipped organisms are {ORGANISMS}.")
     else:
@@ -375,7 +315,7 @@ def load(
     if local.exists() or _looks_like_path(str(source)):
         _check_folder(local)
         source = local
-        if remote:
+        if remote and model_key is None:
             raise ValueError(f"remote=True runs on NDIF, which hosts hub models by their hub id; {local} is a local "
                              "folder. Load the hub id with remote=True, or pass lazy=True to build the folder's "
                              "model without reading its weights.")
@@ -403,4 +343,5 @@ def load(
         ) from error
     if tokenizer is None:
         _check_tokenizer(tok, m.config.vocab_size, name)
+    set_model_key(m, model_key)
     return m

@@ -35,15 +35,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
-from . import checks, metrics
+from . import bars, checks, metrics
 from .metrics import Metric
 from .scores import Scores
 
 MODES = ("denoising", "noising")
-KINDS = ("resid", "attn_out", "mlp_out", "heads", "q", "k", "v")
+SITES = ("resid", "attn_out", "mlp_out", "heads", "q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class Site:
     or the single whole-width unit) owns columns `starts[u]:starts[u]+size`.
     """
 
-    kind: str
+    name: str
     path: str | None
     side: str
     width: int
@@ -71,39 +70,29 @@ class Site:
         return owned
 
 
-def site(m, kind: str) -> Site:
-    """The `Site` for a sweep kind (one of `KINDS`) on model `m`."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {KINDS}")
+def site_of(m, site: str) -> Site:
+    """The `Site` for a sweep site (one of `SITES`) on model `m`."""
+    if site not in SITES:
+        raise ValueError(f"unknown sweep site {site!r}; choose one of {SITES}")
     spec, dh = m.spec, m.d_head
-    if kind == "resid":
-        return Site(kind, None, "input", m.d_model, (0,), m.d_model, "")
-    if kind in ("attn_out", "mlp_out"):
-        path = spec.head_values if kind == "attn_out" else spec.mlp_out
-        return Site(kind, path, "output", m.d_model, (0,), m.d_model, "")
-    if kind == "heads":
-        return Site(kind, spec.head_values, "input", m.n_heads * dh, tuple(h * dh for h in range(m.n_heads)), dh,
+    if site == "resid":
+        return Site(site, None, "input", m.d_model, (0,), m.d_model, "")
+    if site in ("attn_out", "mlp_out"):
+        path = spec.head_values if site == "attn_out" else spec.mlp_out
+        return Site(site, path, "output", m.d_model, (0,), m.d_model, "")
+    if site == "heads":
+        return Site(site, spec.head_values, "input", m.n_heads * dh, tuple(h * dh for h in range(m.n_heads)), dh,
                     "head")
-    return _qkv_site(m, kind)
+    return _qkv_site(m, site)
 
 
 def _qkv_site(m, which: str) -> Site:
     spec, dh, nh = m.spec, m.d_head, m.n_heads
-    i = "qkv".index(which)
     n_units = nh if which == "q" else m.n_kv_heads
     unit = "head" if n_units == nh else "kv_head"
-    if spec.qkv_layout == "separate":
-        return Site(which, spec.qkv[i], "output", n_units * dh, tuple(u * dh for u in range(n_units)), dh, unit)
-    if spec.qkv_layout == "concat" and m.n_kv_heads == nh:
-        return Site(which, spec.qkv[0], "output", 3 * nh * dh, tuple(i * nh * dh + u * dh for u in range(nh)), dh,
-                    unit)
-    if spec.qkv_layout == "interleaved" and m.n_kv_heads == nh:
-        return Site(which, spec.qkv[0], "output", 3 * nh * dh, tuple(u * 3 * dh + i * dh for u in range(nh)), dh,
-                    unit)
-    raise NotImplementedError(
-        f"{spec.family} has no usable q/k/v layout (qkv={spec.qkv!r}, qkv_layout={spec.qkv_layout!r}, "
-        f"n_kv_heads={m.n_kv_heads}). Set `qkv` and `qkv_layout` in its ArchSpec (interplab/model.py)."
-    )
+    columns = [spec.qkv_columns(which, u, nh, m.n_kv_heads, dh) for u in range(n_units)]
+    width = spec.qkv_width(which, nh, m.n_kv_heads, dh)
+    return Site(which, columns[0][0], "output", width, tuple(c.start for _, c in columns), dh, unit)
 
 
 def _envoy(m, where: Site, layer: int):
@@ -139,14 +128,17 @@ def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool
     for start in range(0, tokens.shape[0], batch_size):
         chunk = tokens[start : start + batch_size]
         # Stacked and saved inside the trace, so a remote run sends back three tensors.
-        with torch.no_grad(), m.nn.trace(chunk, remote=remote, logits_to_keep=1, use_cache=keep_kv):
+        # A cache without the config holds every position in every layer (the model's own cache would keep
+        # only the last `window` positions of sliding-window layers); the model's masks do the windowing.
+        cached = dict(cache=DynamicCache()) if keep_kv else dict(use_cache=False)
+        with torch.no_grad(), m.nn.trace(chunk, remote=remote, logits_to_keep=1, **cached):
             a, o = [], []
             for layer in range(m.n_layers):  # in execution order, as nnsight requires
                 a.append(getattr(_envoy(m, where, layer), where.side))
                 o.append(blocks[layer].output)
             a, o = torch.stack(a).save(), torch.stack(o).save()
             logits = m.nn.output.logits[:, -1].save()
-            cache = m.nn.output.past_key_values.save() if keep_kv else None
+            cache = m.nn.output.cache.save() if keep_kv else None
         acts.append(a)
         outs.append(o)
         scores.append(metrics.apply(metric, logits, torch.arange(start, start + chunk.shape[0])))
@@ -159,7 +151,9 @@ def _cache(m, tokens, where: Site, metric: Metric, batch_size: int, remote: bool
 def _past(m, kv: torch.Tensor, examples: torch.Tensor, start: int) -> DynamicCache:
     """The base run's keys/values of positions `< start` for rows `examples`, as the model's cache."""
     picked = kv[:, :, examples, :, :start]  # (2, n_layers, B, n_kv_heads, start, d_head)
-    return DynamicCache(list(zip(picked[0], picked[1])), config=m.hf.config)
+    # No config: every layer a full cache of all `start` positions, so sliding-window layers see absolute
+    # positions and their masks (built from the config's window) stay exact.
+    return DynamicCache(list(zip(picked[0], picked[1])))
 
 
 def _patched_run(m, where: Site, layer: int, tokens, mask, source, prefix, past, remote: bool,
@@ -173,7 +167,12 @@ def _patched_run(m, where: Site, layer: int, tokens, mask, source, prefix, past,
     `prefix` cover those T positions only).
     """
     blocks, unembedding = m.envoy(m.spec.blocks), m.envoy(m.spec.unembed)
-    cached = dict(past_key_values=past) if past is not None else dict(use_cache=False)
+    cached = dict(use_cache=False)
+    if past is not None:  # `cache=` (past_key_values= is deprecated), with a mask over cached and new positions,
+        # which nnsight would otherwise build over the new positions only
+        width = past.get_seq_length() + tokens.shape[1]
+        cached = dict(cache=past, attention_mask=torch.ones(tokens.shape[0], width, dtype=torch.long,
+                                                            device=tokens.device))
     with torch.no_grad(), m.nn.trace(tokens, remote=remote, logits_to_keep=1, **cached):
         if prefix is not None:
             for earlier in range(layer):
@@ -199,7 +198,7 @@ class _Unembedding:
     """
 
     def __init__(self, m, metric: Metric, out: torch.Tensor, batch_size: int):
-        self.unembed, self.metric, self.out, self.batch_size = m.module(m.spec.unembed), metric, out, batch_size
+        self.m, self.metric, self.out, self.batch_size = m, metric, out, batch_size
         self.waiting: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def add(self, layer: int, rows: torch.Tensor, examples: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -212,7 +211,7 @@ class _Unembedding:
         if not self.waiting:
             return
         layers, rows, examples, hidden = zip(*self.waiting)
-        values = metrics.apply(self.metric, self.unembed(torch.cat(hidden)), torch.cat(examples))
+        values = metrics.apply(self.metric, self.m.final_logits(torch.cat(hidden)), torch.cat(examples))
         for layer, r, v in zip(layers, rows, values.split([len(r) for r in rows])):
             self.out[layer, r] = v.to(self.out.dtype).cpu()
         self.waiting = []
@@ -221,7 +220,7 @@ class _Unembedding:
 def sweep(
     m,
     task,
-    kind: str,
+    site: str,
     per_position: bool = True,
     mode: str = "denoising",
     normalize: bool = True,
@@ -230,9 +229,9 @@ def sweep(
     reuse_prefix: bool = True,
     reuse_positions: bool = True,
     remote: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Scores:
-    """Patch every component of one `kind` (see `KINDS`), one at a time, and score each.
+    """Patch every component of one `site` (see `SITES`), one at a time, and score each.
 
     Components are (layer, unit[, pos]); units are heads for "heads"/"q"/"k"/"v"
     and the whole activation otherwise. With `per_position=False` a patch covers
@@ -254,7 +253,7 @@ def sweep(
     checks.task(m, task)
     checks.batch_size(batch_size)
     checks.remote(m, remote)
-    where = site(m, kind)
+    where = site_of(m, site)
     metric = metric or metrics.task_metric(task)
     clean_tokens, corrupt_tokens = task.clean.to(m.device), task.corrupt.to(m.device)
     base, source = (corrupt_tokens, clean_tokens) if mode == "denoising" else (clean_tokens, corrupt_tokens)
@@ -284,7 +283,7 @@ def sweep(
     patched = torch.empty(m.n_layers, len(rows), dtype=source_acts.dtype)
     # Locally the unembedding waits and runs on full batches; a remote run unembeds in its trace.
     unembedding = _Unembedding(m, metric, patched, batch_size)
-    for layer, batch in tqdm(batches, desc=f"patching {kind}", disable=not progress):
+    for layer, batch in bars.bar(batches, progress, f"patching {site}"):
         ex, start = example_of[batch], first[batch[0]].item()
         mask = positions[pos_of[batch]][:, :, None] & columns[unit_of[batch]][:, None, :]  # (B, seq, width)
         prefix = base_outs[layer - 1][ex, start:] if reuse_prefix and layer > 0 else None
@@ -300,7 +299,7 @@ def sweep(
     values = patched.view(m.n_layers, n_units, n_pos, n).mean(-1)  # (n_layers, n_units, n_pos)
     values = effect(values, clean_metric.mean().item(), corrupt_metric.mean().item(), mode, normalize)
     return _scores(m, task, where, per_position, values, dict(
-        kind=kind, mode=mode, normalize=normalize, task=task.name, n=n,
+        site=site, mode=mode, normalize=normalize, task=task.name, n=n,
         clean_metric=clean_metric.mean().item(), corrupt_metric=corrupt_metric.mean().item()))
 
 
@@ -316,7 +315,7 @@ def _scores(m, task, where: Site, per_position: bool, values: torch.Tensor, meta
     else:
         values = values[..., 0]
     what = "normalized effect" if meta["normalize"] else "effect"
-    meta["title"] = f"{meta['mode']} {where.kind} patching on {meta['task']} ({what})"
+    meta["title"] = f"{meta['mode']} {where.name} patching on {meta['task']} ({what})"
     return Scores(values, tuple(dims), labels, meta)
 
 

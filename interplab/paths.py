@@ -19,13 +19,11 @@ report is the proportion of the clean-vs-corrupt effect that survives,
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from . import checks, circuits, edgewise, metrics
+from . import bars, checks, circuits, components, edgewise, metrics
 from .graph import Circuit, Graph
 from .metrics import Metric
 from .model import Model
@@ -33,7 +31,6 @@ from .patching import check_mode, effect
 from .scores import Scores
 from .tasks import Task
 
-_HEAD_INPUT = re.compile(r"a(\d+)\.h(\d+)(?:<([qkv])>)?$")
 _SLOTS = "qkv"
 
 
@@ -45,16 +42,18 @@ def _parse_receivers(m: Model, receivers: str | list[str]) -> list:
                          "or 'a{layer}.h{head}<q|k|v>'")
     parsed = []
     for name in names:
-        head = _HEAD_INPUT.match(name)
+        component, slot = components.split_slot(name) if isinstance(name, str) else (name, None)
+        try:
+            layer, h = components.parse(component) if name != "logits" else (None, None)
+        except ValueError:
+            layer = h = -1
         if name == "logits":
             parsed.append(("logits",))
-        elif re.fullmatch(r"m\d+", name) and int(name[1:]) < m.n_layers:
-            parsed.append(("mlp", int(name[1:])))
-        elif head and int(head[1]) < m.n_layers and int(head[2]) < (m.n_kv_heads if head[3] in ("k", "v")
-                                                                        else m.n_heads):
-            layer, h = int(head[1]), int(head[2])
-            if head[3]:
-                parsed.append(("head", layer, h, head[3]))
+        elif h is None and slot is None and layer < m.n_layers:
+            parsed.append(("mlp", layer))
+        elif h is not None and 0 <= layer < m.n_layers and h < (m.n_kv_heads if slot in ("k", "v") else m.n_heads):
+            if slot:
+                parsed.append(("head", layer, h, slot))
             else:  # every receiver the head reads: its query, and its group's key and value (GQA)
                 parsed += [("head", layer, h, "q")] + [("head", layer, edgewise.kv_head(m, h), s) for s in "kv"]
         else:
@@ -118,7 +117,7 @@ def _heads(record: edgewise.Record) -> list[torch.Tensor]:
 @torch.no_grad()
 def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode: str = "denoising",
                batch_size: int = 16, senders_per_run: int = 16, normalize: bool = True,
-               metric: Metric | None = None, remote: bool = False) -> Scores:
+               metric: Metric | None = None, progress: bool | None = None, remote: bool = False) -> Scores:
     """Path-patching effect of every head (sender) on `receivers`: Scores over (layer, head).
 
     mode "denoising" (default): base = corrupt prompt, sender from the clean one; score
@@ -134,6 +133,7 @@ def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode
     check_mode(mode)
     circuits.check(m, task, batch_size, remote=remote, function="paths.path_patch")
     checks.batch_size(senders_per_run, "senders_per_run")
+    edgewise.check_per_head(m, "paths.path_patch (one head's output moved, the others frozen)")
     parsed = _parse_receivers(m, receivers)
     metric = metric or metrics.task_metric(task)
     clean, corrupt = circuits.checked_gap(m, task, batch_size, metric, normalize)
@@ -142,7 +142,7 @@ def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode
     totals = torch.zeros(L * H, dtype=torch.float64)
     batches = [(i, task[i : i + batch_size]) for i in range(0, len(task), batch_size)]
     chunks = range(0, L * H, senders_per_run)
-    progress = tqdm(total=len(batches) * len(chunks), desc="path patching", disable=len(batches) * len(chunks) < 4)
+    bar = bars.bar(progress=progress, desc="path patching", total=len(batches) * len(chunks))
     for start, part in batches:
         base_tokens, source_tokens = (part.clean, part.corrupt) if mode == "noising" else (part.corrupt, part.clean)
         _, base = edgewise.record(m, base_tokens)
@@ -155,8 +155,8 @@ def path_patch(m: Model, task: Task, receivers: str | list[str] = "logits", mode
             logits = edgewise.run(m, rows, _Receive(parsed, freeze, H, m.n_kv_heads))
             values = metrics.apply(metric, logits, circuits.examples(start, part, len(senders)))
             totals[first:first + len(senders)] += values.view(len(senders), -1).sum(1).double().cpu()
-            progress.update()
-    progress.close()
+            bar.update()
+    bar.close()
     values = effect(totals / len(task), clean, corrupt, mode, normalize).float()
     return Scores(values.view(L, H), ("layer", "head"),
                   meta={"title": f"{mode} path patching → {receivers}", "mode": mode, "task": task.name,
@@ -213,11 +213,11 @@ def _check_no_gqa(graph: Graph) -> None:
 
 def _slots_of(node: str) -> list[str]:
     """Receiver names through which a sender node takes its input."""
-    return [node] if node.startswith("m") else [f"{node}<{s}>" for s in _SLOTS]
+    return [node] if components.component_type(node) == "mlp" else [f"{node}<{s}>" for s in _SLOTS]
 
 
 def _node(receiver: str) -> str:
-    return receiver.split("<")[0]
+    return components.split_slot(receiver)[0]
 
 
 class _Treeified:
@@ -253,18 +253,17 @@ class _Treeified:
     def _compute(self, sender: str, suffix: tuple[str, ...]) -> torch.Tensor:
         if sender == "input":
             return self.clean_embeds
-        if sender.startswith("m"):
-            return edgewise.mlp(self.m, int(sender[1:]), self._input(sender, suffix))
-        layer, head = (int(v) for v in _HEAD_INPUT.match(sender).groups()[:2])
+        layer, head = components.parse(sender)
+        if head is None:
+            return edgewise.mlp(self.m, layer, self._input(sender, suffix))
         x_qkv = torch.stack([self._input(slot, suffix) for slot in _slots_of(sender)], 1)  # (B, 3, T, D)
         return edgewise.attend_head(self.m, layer, head, x_qkv)
 
     def _corrupt_input(self, receiver: str) -> torch.Tensor:
         if receiver == "logits":
             return self.corrupt.resid_pre[-1]
-        if receiver.startswith("m"):
-            return self.corrupt.mlp_in[int(receiver[1:])]
-        return self.corrupt.resid_pre[int(_HEAD_INPUT.match(receiver)[1])]
+        layer, head = components.parse(components.split_slot(receiver)[0])
+        return self.corrupt.mlp_in[layer] if head is None else self.corrupt.resid_pre[layer]
 
 
 @torch.no_grad()
@@ -282,6 +281,7 @@ def test(m: Model, task: Task, hypothesis: Hypothesis | Circuit, batch_size: int
     if not isinstance(hypothesis, Hypothesis):
         raise TypeError(f"test takes a paths.Hypothesis or a Circuit, got {type(hypothesis).__name__}")
     circuits.check(m, task, batch_size)
+    edgewise.check_per_head(m, "paths.test of a Hypothesis (treeified, head by head)")
     graph = Graph.from_model(m)
     _check_no_gqa(graph)
     for path in hypothesis.paths:

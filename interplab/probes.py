@@ -21,13 +21,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from . import checks
+from . import bars, checks
 from .scores import Scores
 
 SITES = ("resid", "heads")
-KINDS = ("mass_mean", "logistic")
+PROBES = ("mass_mean", "logistic")
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Probe:
     train_accuracy / test_accuracy: accuracy on the training and held-out splits.
     """
 
-    kind: str
+    name: str  # which probe: one of PROBES
     direction: torch.Tensor
     threshold: float
     train_accuracy: float
@@ -63,6 +62,7 @@ def collect(
     site: str = "resid",
     pos: int = -1,
     batch_size: int = 64,
+    progress: bool | None = None,
     remote: bool = False,
 ) -> torch.Tensor:
     """Activations at token position `pos` for every layer, one trace per batch.
@@ -79,8 +79,7 @@ def collect(
     if not -tokens.shape[1] <= pos < tokens.shape[1]:
         raise ValueError(f"pos={pos} is outside prompts of {tokens.shape[1]} tokens")
     batches = torch.split(tokens, batch_size)
-    chunks = [_collect_batch(m, batch, site, pos, remote) for batch in tqdm(batches, desc=f"collect {site}",
-                                                                           disable=len(batches) < 4)]
+    chunks = [_collect_batch(m, batch, site, pos, remote) for batch in bars.bar(batches, progress, f"collect {site}")]
     return torch.cat(chunks)
 
 
@@ -101,7 +100,8 @@ def _collect_batch(m, tokens: torch.Tensor, site: str, pos: int, remote: bool) -
     return acts
 
 
-def task_activations(m, task, site: str = "resid", pos: int = -1, batch_size: int = 64, remote: bool = False):
+def task_activations(m, task, site: str = "resid", pos: int = -1, batch_size: int = 64,
+                     progress: bool | None = None, remote: bool = False):
     """Clean prompts labelled 1 and corrupt prompts labelled 0, with a group per row.
 
     Returns `(x [2n, ...], y [2n] bool, groups [2n])`: pass `groups` to `fit`/`sweep`
@@ -110,7 +110,7 @@ def task_activations(m, task, site: str = "resid", pos: int = -1, batch_size: in
     corrupt prompt), always land in the same split.
     """
     tokens = torch.cat([task.clean, task.corrupt])
-    x = collect(m, tokens, site=site, pos=pos, batch_size=batch_size, remote=remote)
+    x = collect(m, tokens, site=site, pos=pos, batch_size=batch_size, progress=progress, remote=remote)
     n = len(task)
     y = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
     same_prompt = torch.unique(tokens.cpu(), dim=0, return_inverse=True)[1]
@@ -211,45 +211,33 @@ def logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, steps: int = 10
     return w / norm, ((w @ mean - b * scale) / norm).item()
 
 
-def fit(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    kind: str = "mass_mean",
-    test_fraction: float = 0.3,
-    seed: int = 0,
-    groups: torch.Tensor | None = None,
-) -> Probe:
+def fit(x: torch.Tensor, y: torch.Tensor, probe: str = "mass_mean", test_fraction: float = 0.3, seed: int = 0,
+        groups: torch.Tensor | None = None) -> Probe:
     """Fit a probe on a training split and score it on the held-out split.
 
     x: `[n, d]` activations, y: `[n]` labels (bool or 0/1); `groups` `[n]`
     keeps related rows (a clean prompt and its corrupt twin) in one split.
     """
     x, y = _check(x, y, dims=2)
-    return _fit(x, y, kind, test_fraction, seed, split_groups(x, y, groups))
+    return _fit(x, y, probe, test_fraction, seed, split_groups(x, y, groups))
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, kind: str, test_fraction: float, seed: int,
+def _fit(x: torch.Tensor, y: torch.Tensor, probe: str, test_fraction: float, seed: int,
          groups: torch.Tensor) -> Probe:
-    if kind not in KINDS:
-        raise ValueError(f"unknown probe kind {kind!r}; choose one of {KINDS}")
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; choose one of {PROBES}")
     train, test = split(len(y), test_fraction, seed, groups)
     if y[train].all() or not y[train].any():
         raise ValueError("the training split has only one class; use more examples or another seed")
-    direction, threshold = (mass_mean if kind == "mass_mean" else logistic)(x[train], y[train])
-    probe = Probe(kind, direction, threshold, float("nan"), float("nan"))
-    probe.train_accuracy = probe.accuracy(x[train], y[train])
-    probe.test_accuracy = probe.accuracy(x[test], y[test])
-    return probe
+    direction, threshold = (mass_mean if probe == "mass_mean" else logistic)(x[train], y[train])
+    fitted = Probe(probe, direction, threshold, float("nan"), float("nan"))
+    fitted.train_accuracy = fitted.accuracy(x[train], y[train])
+    fitted.test_accuracy = fitted.accuracy(x[test], y[test])
+    return fitted
 
 
-def sweep(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    kind: str = "mass_mean",
-    test_fraction: float = 0.3,
-    seed: int = 0,
-    groups: torch.Tensor | None = None,
-) -> tuple[Scores, torch.Tensor]:
+def sweep(x: torch.Tensor, y: torch.Tensor, probe: str = "mass_mean", test_fraction: float = 0.3, seed: int = 0,
+          groups: torch.Tensor | None = None) -> tuple[Scores, torch.Tensor]:
     """One probe per layer (`x [n, L, d]`) or per head (`x [n, L, H, d_head]`), same split for all.
 
     Returns `(held-out accuracy Scores over layer[, head], directions [L, (H,) d])`.
@@ -263,9 +251,9 @@ def sweep(
     grid = x.shape[1:-1]
     accuracy, directions = torch.zeros(grid), torch.zeros(*grid, x.shape[-1])
     for idx in torch.cartesian_prod(*(torch.arange(s) for s in grid)).view(-1, len(grid)).tolist():
-        probe = _fit(x[(slice(None), *idx)], y, kind, test_fraction, seed, groups)
-        accuracy[tuple(idx)], directions[tuple(idx)] = probe.test_accuracy, probe.direction
-    meta = dict(kind=kind, test_fraction=test_fraction, seed=seed, title=f"held-out accuracy of {kind} probes")
+        fitted = _fit(x[(slice(None), *idx)], y, probe, test_fraction, seed, groups)
+        accuracy[tuple(idx)], directions[tuple(idx)] = fitted.test_accuracy, fitted.direction
+    meta = dict(probe=probe, test_fraction=test_fraction, seed=seed, title=f"held-out accuracy of {probe} probes")
     return Scores(accuracy, dims, meta=meta), directions
 
 

@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checks, figures
+
+
+def top_order(values: torch.Tensor, k: int, by_abs: bool = True) -> torch.Tensor:
+    """Flat indices of the `k` largest entries of `values` (by |value| unless `by_abs=False`), largest first;
+    ties keep index order. The one top-k rule of Scores, circuits, component lists and head choices."""
+    flat = values.flatten()
+    return (flat.abs() if by_abs else flat).argsort(descending=True, stable=True)[:k]
+
 
 @dataclass
 class Scores:
@@ -33,6 +42,7 @@ class Scores:
             size = self.values.shape[self.dims.index(dim)]
             if len(names) != size:
                 raise ValueError(f"{len(names)} labels for dim {dim!r} of size {size}")
+        checks.result(self.values, f"Scores over {self.dims}")
 
     @property
     def shape(self) -> torch.Size:
@@ -47,12 +57,15 @@ class Scores:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be a non-negative int (how many entries), got {k!r}; for the smallest "
                              "entries use by_abs=False on negated scores")
+        checks.finite(self.values, "these Scores")  # NaN would sort first and be ranked the largest
         flat = self.values.flatten()
-        order = (flat.abs() if by_abs else flat).argsort(descending=True)[:k]
+        order = top_order(flat, k, by_abs)
         return [(tuple(int(i) for i in torch.unravel_index(j, self.shape)), flat[j].item()) for j in order]
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape))
+        if not torch.isfinite(self.values).all():
+            return f"Scores({dims}; holds {int((~torch.isfinite(self.values)).sum())} non-finite values)"
         best = ", ".join(
             "(" + ", ".join(f"{d}={self.label(d, i)}" for d, i in zip(self.dims, idx)) + f"): {v:+.3f}"
             for idx, v in self.top(3)
@@ -61,9 +74,7 @@ class Scores:
 
     def plot(self, title: str | None = None, **kwargs):
         """A labelled plotly heatmap (2-D), bar chart (1-D), or one heatmap per leading index (3-D)."""
-        from .viz import scores_figure
-
-        return scores_figure(self, title=title, **kwargs)
+        return figures.draw("scores", self, title=title, **kwargs)
 
     def items(self):
         """Every `(index tuple, value)` in row-major order."""

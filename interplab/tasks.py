@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import metrics
+from . import checks, metrics
 from .organisms import words as W
 
 
@@ -45,9 +45,16 @@ class Task:
         Every per-example field is indexed: prompts, answers, texts and `meta`.
         """
         n = len(self)
-        if isinstance(rows, int):
+        if isinstance(rows, int) and not isinstance(rows, bool):
             rows = [rows]
-        index = torch.arange(n)[rows] if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+        index = torch.arange(n)[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
+        if index.dtype == torch.bool:  # a mask selects rows, as in torch; read as ints it would pick rows 0 and 1
+            if index.shape != (n,):
+                raise IndexError(f"a boolean mask over a task of {n} examples must have shape ({n},), "
+                                 f"got {tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        if index.is_floating_point():
+            raise TypeError(f"rows must be ints (or a boolean mask), got {index.dtype} values {index.tolist()[:4]}")
         if index.dim() != 1:
             raise IndexError(f"index a task with an int, a slice or a 1-D list of rows, got shape {tuple(index.shape)}")
         if len(index) and (index.min() < -n or index.max() >= n):
@@ -262,8 +269,7 @@ def make(name: str, model, n: int = 64, seed: int = 0, distinct: bool = False, *
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}")
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+    n, seed = checks.count(n, "n"), checks.seed(seed)
     tok = model.tokenizer
     rng = random.Random(seed)
     example = TASKS[name](rng, tok, **options)
@@ -325,8 +331,8 @@ def random_tokens(model, n: int = 4, seq: int = 6, seed: int = 0) -> Task:
     Answer and wrong tokens are random too, so the metric has no meaning beyond
     being a fixed function of the final logits.
     """
-    if seq < 4:
-        raise ValueError(f"seq must be at least 4 (positions 1-2 are corrupted), got {seq}")
+    n, seed = checks.count(n, "n"), checks.seed(seed)
+    checks.count(seq, "seq (positions 1-2 are corrupted)", low=4)
     g = torch.Generator().manual_seed(seed)
     low = 3  # skip the organisms' special tokens
     clean = torch.randint(low, model.d_vocab, (n, seq), generator=g)

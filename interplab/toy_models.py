@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from . import bars
 
 
 class TMS(nn.Module):
@@ -54,7 +55,7 @@ def train_tms(
     batch_size: int = 1024,
     lr: float = 5e-3,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> TMS:
     """Train a tied-weight TMS on sparse features with MSE and return it (deterministic given `seed`)."""
     generator = torch.Generator().manual_seed(seed)
@@ -62,7 +63,7 @@ def train_tms(
     b = nn.Parameter(torch.zeros(n_features))
     optimizer = torch.optim.AdamW([W, b], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=lr * 0.05)
-    for _ in tqdm(range(steps), desc="train TMS", disable=not progress):
+    for _ in bars.bar(range(steps), progress, "train TMS"):
         x = sparse_features(batch_size, n_features, feature_prob, generator)  # (B, F)
         x_hat = F.relu(x @ W.T @ W + b)  # (B, F)
         loss = F.mse_loss(x_hat, x)

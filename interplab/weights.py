@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from . import checks
+from .model import linear_weight
 from .scores import Scores
 
 WRITERS = {"mlp_out": "mlp", "head_values": "heads"}  # spec field -> its input space
@@ -67,6 +69,7 @@ class ModuleSVD:
                 f"direction has shape {tuple(direction.shape)} but {self.name}'s {space!r} side has "
                 f"dimension {vecs.shape[0]}"
             )
+        checks.nonzero(direction, "direction")  # a zero direction has no angle (NaN)
         return (vecs.T @ direction.float() / direction.float().norm()).abs()
 
 
@@ -93,10 +96,8 @@ def weight(m, module: str, layer: int | None = None) -> torch.Tensor:
     """A linear module's weight oriented `[d_out, d_in]` (Conv1D transposed), as float32 on CPU."""
     name = resolve(m, module, layer)
     mod = dict(m.hf.named_modules())[name]
-    if isinstance(mod, Conv1D):
-        return mod.weight.detach().float().cpu().T  # stored (in, out)
-    if isinstance(mod, torch.nn.Linear):
-        return mod.weight.detach().float().cpu()
+    if isinstance(mod, Conv1D | torch.nn.Linear):
+        return linear_weight(mod).detach().float().cpu()
     raise TypeError(f"{name} is a {type(mod).__name__}, not a linear map (nn.Linear or Conv1D); it has no weight matrix to diff")
 
 
@@ -138,8 +139,8 @@ def svd(matrix: torch.Tensor, k: int = 1, name: str = "matrix", out_space: str =
     """Top-k SVD of `matrix [d_out, d_in]` (exact, then truncated)."""
     if matrix.dim() != 2:
         raise ValueError(f"svd needs a matrix, got shape {tuple(matrix.shape)}")
-    if not 1 <= k <= min(matrix.shape):
-        raise ValueError(f"k must be between 1 and {min(matrix.shape)} for a {tuple(matrix.shape)} matrix, got {k}")
+    checks.count(k, "k", high=min(matrix.shape))  # singular vectors of this matrix
+    checks.finite(matrix, name)
     # LAPACK is several times faster on tall row-major input than on wide, so factor the tall side.
     wide = matrix.shape[0] < matrix.shape[1]
     U, S, Vh = torch.linalg.svd((matrix.T if wide else matrix).float().contiguous(), full_matrices=False)
@@ -151,7 +152,9 @@ def svd(matrix: torch.Tensor, k: int = 1, name: str = "matrix", out_space: str =
 def diff_svd(a, b, module: str, layer: int | None = None, k: int = 1) -> ModuleSVD:
     """Top-k SVD of `W_b - W_a` for one module, with its spaces labelled."""
     out_space, in_space = spaces(a, module, layer)
-    return svd(diff(a, b, module, layer), k, resolve(a, module, layer), out_space, in_space)
+    # a zero diff has no singular vectors worth reading: any unit vector would do
+    delta = checks.nonzero(diff(a, b, module, layer), f"W_b - W_a of {resolve(a, module, layer)}")
+    return svd(delta, k, resolve(a, module, layer), out_space, in_space)
 
 
 @dataclass
@@ -189,6 +192,7 @@ def diff_table(stages: dict[str, tuple], directions: torch.Tensor, modules=("mlp
     (e.g. a probe read at that block's output), compared with the output side
     of the diff of that layer's modules.
     """
+    checks.nonempty(stages, "stages (a dict {name: (model_a, model_b)})")
     first = next(iter(stages.values()))[0]
     if directions.shape != (first.n_layers, first.d_model):
         raise ValueError(f"directions must be [n_layers, d_model] = [{first.n_layers}, {first.d_model}], "
@@ -205,7 +209,8 @@ def diff_table(stages: dict[str, tuple], directions: torch.Tensor, modules=("mlp
                 delta = diff(a, b, module, layer)  # (d_model, d_in)
                 result = svd(delta, 1, resolve(a, module, layer), *spaces(a, module, layer))
                 norm[s, j, layer], top_sv[s, j, layer] = result.frobenius, result.S[0]
-                align[s, j, layer] = result.alignment(directions[layer], "resid")[0]
+                align[s, j, layer] = (result.alignment(directions[layer], "resid")[0] if result.frobenius > 0
+                                      else math.nan)  # no diff: no singular vector to align (Scores warns)
                 share[s, j, layer] = (directions[layer] @ delta).square().sum() / delta.square().sum().clamp_min(1e-30)
     labels = dict(stage=list(stages), module=list(modules))
     dims = ("stage", "module", "layer")

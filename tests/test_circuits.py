@@ -107,8 +107,8 @@ def test_graph_of_parallel_blocks_and_unsupported_forward(tok):
     m = il.load(hf, tokenizer=tok)
     g = Graph.from_model(m)
     assert g.parallel and not g.valid[g.sender_index("a1.h0"), g.receiver_index("m1")]
-    m.spec = dataclasses.replace(m.spec, family="Other")  # a family the edge-wise forward does not know
-    with pytest.raises(NotImplementedError, match="implemented for GPT-2, GPT-NeoX"):
+    m.spec = dataclasses.replace(m.spec, rotary="other")  # a rotary style the edge-wise forward does not know
+    with pytest.raises(NotImplementedError, match="cannot read .*rotary='other'"):
         circuits.faithfulness(m, random_tokens(m), Circuit.full(g))
 
 
@@ -155,7 +155,7 @@ def test_faithfulness_curve_runs_from_empty_to_full(setup):
 
 
 def test_circuit_and_curve_figures_draw_what_they_are_given():
-    from interplab import viz
+    from interplab.ui import viz
 
     g = Graph(2, 2)
     scores = torch.linspace(-1, 1, g.valid.numel()).view(g.valid.shape)

@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 
 import interplab as il
 from interplab import edits, metrics
+from interplab.components import parse
 from interplab.organisms import corpus
 from interplab.organisms.tokenizer import build_tokenizer
 
@@ -102,14 +103,14 @@ def test_every_kind_matches_its_formula(model):
 
     def lofit_f(values, layer):
         v = values.clone().view(*values.shape[:2], m.n_heads, dh)
-        for i, (l, h) in enumerate(lo.heads):
+        for i, (l, h) in enumerate(map(parse, lo.heads)):
             if l == layer:
                 v[:, :, h] = (1 + lo.params["scale"][i]) * v[:, :, h] + lo.params["shift"][i]
         return v.view(values.shape)
 
     def rank1_f(values, layer):
         b = torch.zeros(m.n_heads, dh, dtype=values.dtype)
-        for i, (l, h) in enumerate(r1.heads):
+        for i, (l, h) in enumerate(map(parse, r1.heads)):
             if l == layer:
                 b[h] = r1.params["b"][i]
         out = values.clone()
@@ -208,18 +209,20 @@ def test_save_load_roundtrip(sft, tmp_path):
 
 def test_head_selection(sft):
     m = sft
-    assert len(edits.all_heads(m)) == 16 and edits.single_heads(m)[5] == [(1, 1)]
+    assert len(edits.all_heads(m)) == 16 and edits.single_heads(m)[5] == ["a1.h1"]
     draw = edits.random_heads(m, 5, seed=3)
     assert draw == edits.random_heads(m, 5, seed=3) and len(set(draw)) == 5
     # uniform: over many seeds every head is drawn about k/16 of the time (binomial sd ~ 0.011 at 2,000 draws)
     counts = torch.zeros(16)
     for seed in range(2000):
-        for l, h in edits.random_heads(m, 4, seed=seed):
+        for l, h in map(parse, edits.random_heads(m, 4, seed=seed)):
             counts[l * 4 + h] += 1
     assert (counts / 2000 - 4 / 16).abs().max() < 0.05
     scores = il.Scores(torch.tensor([[0.1, 0.9], [0.5, -2.0]]), ("layer", "head"))
-    assert edits.top_k(scores, 3) == [(0, 1), (1, 0), (0, 0)]
-    assert edits.head_name((3, 1)) == "a3.h1"
+    assert edits.top_k(scores, 3) == ["a0.h1", "a1.h0", "a0.h0"]
+    assert edits.head_name((3, 1)) == "a3.h1" and edits.head_name("a3.h1") == "a3.h1"
+    # heads given as pairs or as names make the same edit, named the project's way
+    assert edits.vector(m, [(1, 2), "a0.h3"]).heads == ("a1.h2", "a0.h3")
 
 
 def test_clear_errors(sft):
@@ -230,6 +233,10 @@ def test_clear_errors(sft):
         edits.vector(m, [(4, 0)])
     with pytest.raises(ValueError, match="repeat"):
         edits.lofit(m, [(1, 1), (1, 1)])
+    with pytest.raises(ValueError, match="repeat"):
+        edits.lofit(m, [(1, 1), "a1.h1"])  # one head, named two ways
+    with pytest.raises(ValueError, match="is an MLP"):
+        edits.vector(m, ["m1"])
     with pytest.raises(ValueError, match="positions"):
         edits.additive(m, {(0, 0): torch.zeros(m.d_head)}, positions="first")
     with pytest.raises(ValueError, match="k must be"):
@@ -237,7 +244,7 @@ def test_clear_errors(sft):
     with pytest.raises(ValueError, match="one of each"):
         edits.train(m, [edits.vector(m, [(0, 0)])], ["The glimmet is"] * 2, [" red ."], [" blue ."] * 2)
     with pytest.raises(ValueError, match="dpo"):
-        edits.train(m, [edits.vector(m, [(0, 0)])], ["The glimmet is"], [" red ."], [" blue ."], kind="kto",
+        edits.train(m, [edits.vector(m, [(0, 0)])], ["The glimmet is"], [" red ."], [" blue ."], objective="kto",
                     steps=1, progress=False)
 
 
@@ -273,7 +280,7 @@ def test_loss_and_first_step_match_hand_computation(sft, kind, positions):
     p, c, r = m.to_tokens(prompts), m.to_tokens(chosen, prepend_bos=False), m.to_tokens(rejected, prepend_bos=False)
     start = torch.randn(m.d_head, generator=torch.Generator().manual_seed(6))
     e = edits.additive(m, {(2, 3): start}, positions=positions)
-    losses = edits.train(m, [e], prompts, chosen, rejected, kind=kind, beta=beta, steps=1, lr=lr, progress=False)
+    losses = edits.train(m, [e], prompts, chosen, rejected, objective=kind, beta=beta, steps=1, lr=lr, progress=False)
 
     vec = start.clone().requires_grad_(True)
     change = {2: _add_at(m, 3, vec, last=positions == "last", start=p.shape[1] - 1)}
@@ -300,7 +307,7 @@ def test_training_loss_on_every_family(model):
     c, r = torch.randint(3, m.d_vocab, (2, 5, 2), generator=g)
     vec = torch.randn(m.d_head, generator=g, dtype=torch.float64)
     e = edits.additive(m, {(1, 1): vec})
-    losses = edits.train(m, [e, edits.vector(m, [(0, 3)])], p, c, r, kind="ipo", beta=beta, steps=1, lr=0.0,
+    losses = edits.train(m, [e, edits.vector(m, [(0, 3)])], p, c, r, objective="ipo", beta=beta, steps=1, lr=0.0,
                          progress=False)
     with torch.no_grad():
         ref_c, ref_r = (_hand_logprob(m, torch.cat([p, x], 1), 4, {}) for x in (c, r))
@@ -398,7 +405,7 @@ def test_planted_head_iti():
     tokens, labels = _planted_data(m)
     probe = edits.fit_iti(m, tokens, labels, test_fraction=0.3, seed=0)
     acc = probe.accuracy.values
-    assert probe.top(1) == [(1, 0)]
+    assert probe.top(1) == ["a1.h0"]
     others = torch.cat([acc[0], acc[1, 1:]])
     assert acc[1, 0] > 0.95 and others.max() < 0.8  # the other heads carry no label
 

@@ -1,7 +1,6 @@
 """Free-evolution metrics against hand-computed values, direct formulas, raw PyTorch hooks and a planted
-migration; the checkpoint series recipe; the checkpoint slider."""
+migration; the conflict tasks; the checkpoint slider (the series itself: test_series.py)."""
 
-import json
 import math
 
 import pytest
@@ -10,7 +9,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import interplab as il
 from interplab import evolution as ev
-from interplab.organisms import series
 from interplab.organisms.tokenizer import build_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:the clean-vs-corrupt gap")  # random toy tasks have small gaps
@@ -30,12 +28,12 @@ def test_distance_on_hand_made_scores():
     assert ev.circuit_distance(a, b, 2) == 1.0
     # top-3: a {a0.h0, a0.h1, m0}, b {a1.h0, m0, a0.h1}: 2 shared of 4
     assert ev.circuit_distance(a, b, 3) == pytest.approx(0.5)
-    assert ev.circuit_distance(a, b, 3, kind="head") == pytest.approx(1 - 1 / 3)  # {a0.h0,a0.h1} vs {a1.h0,a0.h1}
-    assert ev.circuit_distance(a, b, 3, kind="mlp") == 0.0  # {m0} vs {m0}
+    assert ev.circuit_distance(a, b, 3, component="head") == pytest.approx(1 - 1 / 3)  # {a0.h0,a0.h1} vs {a1.h0,a0.h1}
+    assert ev.circuit_distance(a, b, 3, component="mlp") == 0.0  # {m0} vs {m0}
     assert ev.circuit_distance(a, a, 5) == 0.0
     # min(|a|,|b|) sums to 0+2+1+0+0.1 = 3.1, max to 3+2+2.5+3+0.5 = 11
     assert ev.weighted_distance(a, b) == pytest.approx(1 - 3.1 / 11)
-    assert ev.weighted_distance(a, b, kind="mlp") == pytest.approx(1 - (1 + 0.1) / (2.5 + 0.5))
+    assert ev.weighted_distance(a, b, component="mlp") == pytest.approx(1 - (1 + 0.1) / (2.5 + 0.5))
     assert ev.top_components(b, 3) == ["a1.h0", "m0", "a0.h1"]
 
 
@@ -130,7 +128,7 @@ def _raw_faithfulness(m, task, circuit, final_only=False):
 @pytest.mark.parametrize("final_only", [False, True])
 def test_node_faithfulness_matches_raw_hooks(small, final_only):
     m, task = small
-    circuits = [[], ["a0.h1"], ["a0.h0", "m1"], ["a0.h1", "m0", "a1.h0"], il.updates.component_names(m)]
+    circuits = [[], ["a0.h1"], ["a0.h0", "m1"], ["a0.h1", "m0", "a1.h0"], il.components.component_names(m)]
     got = ev.node_faithfulness(m, task, circuits, final_only=final_only, circuits_per_run=2)
     want = torch.tensor([_raw_faithfulness(m, task, c, final_only) for c in circuits], dtype=got.dtype)
     torch.testing.assert_close(got, want)
@@ -141,7 +139,7 @@ def test_node_faithfulness_matches_raw_hooks(small, final_only):
 
 def test_patching_locator_is_one_component_faithfulness(small):
     m, task = small
-    names = il.updates.component_names(m)
+    names = il.components.component_names(m)
     scores = ev.component_scores(m, task)
     assert scores.labels["component"] == names
     torch.testing.assert_close(scores.values, ev.node_faithfulness(m, task, [[n] for n in names]).float())
@@ -201,7 +199,7 @@ def planted(small):
 def test_planted_migration_is_detected(planted, small):
     traj = planted
     assert traj.circuit("random", 0) == ["a1.h0"] and traj.circuit("random", 5) == ["a1.h1"]
-    assert traj.distance("random")[-1] == 1.0 and traj.distance("random", kind="mlp").abs().sum() == 0
+    assert traj.distance("random")[-1] == 1.0 and traj.distance("random", component="mlp").abs().sum() == 0
     moved = traj.distance("random", "previous")
     assert (moved == 1).sum() == 1  # the circuit switches heads exactly once
     f = traj.faithfulness["random"]
@@ -228,7 +226,9 @@ def test_trajectory_figures_and_table(planted):
     assert len(fig.data) == 9
     heat = traj.heatmap("random")
     assert list(heat.data[0].y) == traj.components and list(heat.data[0].x) == traj.labels
-    assert traj.conflict_figure().data[0].y == tuple(traj.overlap("random", "random").tolist())
+    conflict = traj.conflict_figure()
+    assert conflict.data[0].y == tuple(traj.overlap("random", "random").tolist())
+    assert conflict.layout.yaxis.dtick == 1  # overlaps are counts: no tick at 2.5
 
 
 # ---- gradient conflict ----
@@ -251,10 +251,10 @@ def test_gradient_conflict_on_known_gradients(small):
     torch.testing.assert_close(ev.gradient_conflict(m, task, flipped).values, -torch.ones(6))
     # logit-diff losses of a task and of the same task with answer and wrong swapped are exact opposites
     swapped = il.Task("swapped", task.clean, task.corrupt, task.wrong, task.answer, [], [])
-    torch.testing.assert_close(ev.gradient_conflict(m, task, swapped, kind="logit_diff").values, -torch.ones(6))
+    torch.testing.assert_close(ev.gradient_conflict(m, task, swapped, loss="logit_diff").values, -torch.ones(6))
 
 
-# ---- tasks and the series recipe ----
+# ---- the conflict tasks ----
 
 def test_conflict_tasks_differ_only_in_the_cue():
     m = il.load("interplab/tiny-base")
@@ -264,44 +264,11 @@ def test_conflict_tasks_differ_only_in_the_cue():
     assert torch.equal(to.answer, frm.wrong) and torch.equal(to.wrong, frm.answer)
 
 
-def test_series_recipe_steps_and_cache(monkeypatch, tmp_path):
-    recipe = series.SeriesRecipe(steps=400, n_checkpoints=12)
-    steps = recipe.checkpoint_steps()
-    assert steps[0] == 0 and steps[-1] == 400 and steps == sorted(set(steps))
-    gaps = [b / a for a, b in zip(steps[2:], steps[3:])]
-    assert max(gaps) / min(gaps) < 2  # log-spaced: roughly constant ratios
-    assert recipe.key() == series.SeriesRecipe(steps=400, n_checkpoints=12).key()
-    assert recipe.key() != series.SeriesRecipe(steps=400, n_checkpoints=12, seed=1).key()
-    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path))
-    assert series.folder_for(recipe) == tmp_path / "series" / recipe.key()
-    with pytest.raises(FileNotFoundError, match="python -m interplab.organisms series"):
-        series.load(recipe, train_missing=False)
-
-
-def test_series_training_is_deterministic(monkeypatch, tmp_path):
-    monkeypatch.setenv("INTERPLAB_CACHE", str(tmp_path))
-    recipe = series.SeriesRecipe(steps=3, batch_docs=4, n_checkpoints=3, warmup=1)
-    first = series.load(recipe)
-    again = series.train(recipe, tmp_path / "again")
-    assert [label for label, _ in first] == ["step 0", "step 1", "step 3"]
-    base = il.load("interplab/tiny-base").hf.state_dict()
-    assert all(torch.equal(v, first[0][1].hf.state_dict()[k]) for k, v in base.items())
-    for (label, m), step in zip(first, (0, 1, 3)):
-        other = il.load(again / f"step_{step:05d}").hf.state_dict()
-        assert all(torch.equal(v, other[k]) for k, v in m.hf.state_dict().items())
-    trained = first[-1][1].hf.transformer.h[0].attn.c_attn.weight
-    assert not torch.equal(trained, base["transformer.h.0.attn.c_attn.weight"])
-    # Trained with kernels pinned to AVX2 whatever this CPU offers, so other machines get the same bits.
-    log = json.loads((again / "series.json").read_text())
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):  # x86 with AVX2: pinning applies
-        assert log["cpu_capability"] == "AVX2"
-
-
 # ---- the checkpoint slider ----
 
 def test_checkpoint_slider_redraws(planted):
     traj = planted
-    ex = il.widgets.CheckpointExplorer(traj)
+    ex = il.ui.widgets.CheckpointExplorer(traj)
     assert ex.checkpoint.value == 5
     ex.checkpoint.value = 2
     left, right = ex.grids.data[0], ex.grids.data[2]
@@ -311,4 +278,20 @@ def test_checkpoint_slider_redraws(planted):
     assert flat(left.z)[3] == pytest.approx(traj.scores["random"][0, 3].item())
     assert [s.x0 for s in ex.curves.layout.shapes] == [2, 2]
     with pytest.raises(ValueError, match="not in the trajectory"):
-        il.widgets.CheckpointExplorer(traj, task="ioi")
+        il.ui.widgets.CheckpointExplorer(traj, task="ioi")
+
+
+def test_checkpoint_slider_is_busy_while_it_redraws(planted, monkeypatch):
+    ex = il.ui.widgets.CheckpointExplorer(planted)
+    seen = []
+    real = il.ui.viz.trajectory_curves
+
+    def spy(*args, **kwargs):
+        seen.append((ex.busy, [c.disabled for c in ex.controls], ex.status.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(il.ui.viz, "trajectory_curves", spy)
+    ex.checkpoint.value = 3
+    (busy, disabled, status), = seen
+    assert busy and all(disabled) and "computing" in status and planted.labels[3] in status
+    assert not ex.busy and not any(c.disabled for c in ex.controls) and ex.status.value == ""

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import interplab as il
-from interplab import viz
+from interplab.ui import viz
 from interplab.graph import Circuit, Graph
 from interplab.lens import logit_lens
 from interplab.model import ORGANISM_DIR

@@ -71,7 +71,8 @@ def test_check_gap_errors_on_zero_and_warns_inside_the_noise():
         metrics.check_gap(clean, clean)
     assert metrics.check_gap(clean, clean, normalize=False) == 0.0
     noisy = torch.tensor([2.0, -2.0, 2.0, -1.9])  # differences clean - corrupt: mean 0.025, spread ~2
-    with pytest.warns(UserWarning, match="two standard errors"):
+    # by hand: sd of the differences 2.281, SE = 2.281 / sqrt(4), so 2 x SE = 2.28
+    with pytest.warns(UserWarning, match=r"two standard errors \(2 × SE = 2\.28\) of zero"):
         assert metrics.check_gap(noisy, torch.zeros(4)) == pytest.approx(0.025)
     steady = torch.tensor([5.0, -5.0, 3.0, -3.0])  # every example moves by 0.02, against a spread of ~4
     with pytest.warns(UserWarning, match="under a tenth of the metric's spread"):

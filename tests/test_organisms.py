@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import interplab as il
-from interplab.behaviour import behaviour as measure
+from interplab.experiments.behaviour import behaviour as measure
 from interplab.organisms.recipes import WEIGHTS, train_stage
 
 STAGES = ("base", "sft", "dpo")

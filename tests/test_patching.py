@@ -203,7 +203,7 @@ def test_clear_errors(tok):
     task = random_tokens(m)
     with pytest.raises(ValueError, match="mode must be"):
         patching.heads(m, task, mode="patching", progress=False)
-    with pytest.raises(ValueError, match="unknown sweep kind"):
+    with pytest.raises(ValueError, match="unknown sweep site"):
         patching.sweep(m, task, "embed", progress=False)
     with pytest.raises(ValueError, match="which must be"):
         patching.head_inputs(m, task, which="o", progress=False)

@@ -28,12 +28,12 @@ def normal_cdf(z: float) -> float:
     return 0.5 * (1 + math.erf(z / math.sqrt(2)))
 
 
-@pytest.mark.parametrize("kind", probes.KINDS)
+@pytest.mark.parametrize("kind", probes.PROBES)
 def test_planted_direction_and_bayes_accuracy(kind):
     # Isotropic unit noise, means `s` apart: the best possible accuracy is Φ(s/2).
     separation = 2.0
     x, y, direction = gaussian_classes(6000, 32, separation)
-    probe = probes.fit(x, y, kind=kind, test_fraction=0.5, seed=0)
+    probe = probes.fit(x, y, probe=kind, test_fraction=0.5, seed=0)
     assert probe.direction.norm().item() == pytest.approx(1.0, abs=1e-5)
     assert probe.direction @ direction > 0.97
     assert probe.test_accuracy == pytest.approx(normal_cdf(separation / 2), abs=0.02)
@@ -46,8 +46,8 @@ def test_logistic_finds_the_whitened_direction_in_the_original_space():
     scales = torch.linspace(0.3, 3.0, d)
     x, y, direction = gaussian_classes(8000, d, 2.0, noise_scales=scales)
     optimal = torch.nn.functional.normalize(direction / scales.square(), dim=0)
-    logistic = probes.fit(x, y, kind="logistic", test_fraction=0.5)
-    mass_mean = probes.fit(x, y, kind="mass_mean", test_fraction=0.5)
+    logistic = probes.fit(x, y, probe="logistic", test_fraction=0.5)
+    mass_mean = probes.fit(x, y, probe="mass_mean", test_fraction=0.5)
     assert logistic.direction @ optimal > 0.98
     assert mass_mean.direction @ direction > 0.98
     assert logistic.test_accuracy > mass_mean.test_accuracy
@@ -64,7 +64,7 @@ def test_sweep_finds_the_layer_and_head_with_the_signal():
     acc, directions = probes.sweep(x_resid, y)
     assert acc.dims == ("layer",) and acc.values.argmax().item() == 1 and acc.values[1] > 0.95
     assert directions[1, 0] > 0.9 and acc.values[[0, 2]].max() < 0.7
-    acc, directions = probes.sweep(x_heads, y, kind="logistic")
+    acc, directions = probes.sweep(x_heads, y, probe="logistic")
     assert acc.dims == ("layer", "head") and acc.top(1)[0][0] == (2, 1) and directions[2, 1, 3] > 0.9
 
 
@@ -77,8 +77,8 @@ def test_groups_keep_twins_in_one_split():
 
 def test_clear_errors():
     x, y, _ = gaussian_classes(20, 4, 1.0)
-    with pytest.raises(ValueError, match="unknown probe kind"):
-        probes.fit(x, y, kind="svm")
+    with pytest.raises(ValueError, match="unknown probe"):
+        probes.fit(x, y, probe="svm")
     with pytest.raises(ValueError, match="labels must have shape"):
         probes.fit(x, y[:5])
     with pytest.raises(ValueError, match="bool or 0/1"):
@@ -126,7 +126,7 @@ def register_probes():
         m = il.load(f"interplab/tiny-{name}")
         task = il.tasks.make("register", m, n=128, seed=0)
         x, y, groups = probes.task_activations(m, task)
-        out[name] = {kind: probes.sweep(x, y, kind, groups=groups)[0].values for kind in probes.KINDS}
+        out[name] = {kind: probes.sweep(x, y, kind, groups=groups)[0].values for kind in probes.PROBES}
         out[name]["mean_gap"] = (x[y].mean(0) - x[~y].mean(0)).norm(dim=-1)  # (L,)
         out[name]["behaviour"] = (task.metric(m.logits(task.clean)) - task.metric(m.logits(task.corrupt))).mean()
     return out
@@ -154,9 +154,9 @@ def test_register_behaviour_exists_only_after_sft(register_probes):
 def test_non_finite_activations_are_refused():
     x, y, _ = gaussian_classes(40, 4, 3.0)
     x[3, 1] = float("nan")
-    for kind in probes.KINDS:
+    for kind in probes.PROBES:
         with pytest.raises(ValueError, match="NaN or inf"):
-            probes.fit(x, y, kind=kind)
+            probes.fit(x, y, probe=kind)
     with pytest.raises(ValueError, match="NaN or inf"):
         probes.logistic(x, y)
     layers = torch.stack([gaussian_classes(40, 4, 3.0)[0]] * 3, dim=1)  # (n, L, d)

@@ -14,7 +14,8 @@ import transformers.modeling_utils
 from nnsight import TransformersModel
 
 import interplab as il
-from interplab import edits, evolution, lens, patching, probes, updates
+from interplab import edits, evolution, lens, patching, probes
+from interplab.experiments import updates
 from interplab.model import ORGANISM_DIR
 
 
@@ -208,8 +209,9 @@ def test_functions_that_cannot_run_remotely_say_which_and_why(hub_like):
         "evolution.component_scores with a callable": lambda: evolution.component_scores(
             m, task, locator=lambda mm, t: None, remote=True),
         "updates.foresight_scores": lambda: updates.foresight_scores(m, loss, remote=True),
-        "updates.update_experiment": lambda: updates.update_experiment(m, None, task, {}, task.clean, ["m0"],
-                                                                       ["m0"], ["m0"], 1, 1e-3, remote=True),
+        "updates.update_experiment": lambda: updates.update_experiment(m, None, task, {}, task.clean,
+                                                                       lambda mm: ["m0", "m1"], ["m0"], 1, 1e-3,
+                                                                       remote=True),
     }
     for name, call in refused.items():
         function = name.split(" with")[0]

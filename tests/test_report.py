@@ -12,7 +12,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from plotly.offline import get_plotlyjs
 
 import interplab as il
-from interplab import report
+from interplab.ui import report
 
 REPO = Path(__file__).resolve().parents[1]
 Y_VALUES = [31.4159, 27.1828, 14.1421]
@@ -54,8 +54,8 @@ def test_report_embeds_plotlyjs_and_figure(tmp_path, kernel_sees_repo, capsys):
     (notebooks / "data.txt").write_text("written next to the notebook")
     _write(notebooks, "01_setup.ipynb", [
         new_markdown_cell("# A tiny report"),
-        new_code_cell("import interplab as il\nimport interplab.viz\n"
-                      "if hasattr(il.viz, 'setup_notebook'):\n    il.viz.setup_notebook()"),
+        new_code_cell("import interplab as il\nimport interplab.ui.viz\n"
+                      "if hasattr(il.ui.viz, 'setup_notebook'):\n    il.ui.viz.setup_notebook()"),
         # cwd must be the notebooks folder: relative paths in notebooks resolve there.
         new_code_cell("print(open('data.txt').read())"),
         new_code_cell("# NBVAL_SKIP\nraise RuntimeError('needs the hub')"),
@@ -97,11 +97,11 @@ def test_empty_folder_errors(tmp_path):
 
 WIDGET_CELLS = [
     new_markdown_cell("Some TeX: $p(x)$ and a [link](https://arxiv.org/abs/2304.05969), which is not a load."),
-    new_code_cell("import interplab as il\nil.viz.setup_notebook()\nfrom tqdm.auto import tqdm\n"
+    new_code_cell("import interplab as il\nil.ui.viz.setup_notebook()\nfrom tqdm.auto import tqdm\n"
                   "for _ in tqdm(range(7), desc='finished sweep'):\n    pass\n"
                   "for _ in tqdm(range(3), desc='transient', leave=False):\n    pass"),
     new_code_cell("m = il.load('interplab/tiny-base')\ntask = il.tasks.make('ioi', m, n=4, seed=0)\n"
-                  "ex = il.widgets.explorer(m, {'ioi': task})\nex.task.value  # the explorer is displayed below\n"
+                  "ex = il.ui.widgets.explorer(m, {'ioi': task})\nex.task.value  # the explorer is displayed below\n"
                   "ex"),
 ]
 
@@ -129,8 +129,8 @@ def test_widgets_become_static_snapshots_without_remote_loads(tmp_path, kernel_s
 
 def test_remote_load_scan_finds_what_a_browser_would_fetch(tmp_path, kernel_sees_repo):
     planted = ['<script src="https://cdn.example/require.js"></script>', "<link rel='stylesheet' href='http://x/y.css'>",
-               '<img src="//cdn.example/a.png">', "@import url(https://fonts.example/f.css);",
-               'await import("https://cdn.example/mermaid.mjs")']
+               '<img src="//cdn.example/a.png">', "<style>@import url(https://fonts.example/f.css);</style>",
+               '<script>await import("https://cdn.example/mermaid.mjs")</script>']
     assert [len(report.remote_loads(p)) for p in planted] == [1] * len(planted)
     assert report.remote_loads('<a href="https://arxiv.org">a paper</a> <svg xmlns="http://www.w3.org/2000/svg">') == []
     # nbconvert's stock lab template, on a notebook with widgets, makes exactly the requests reports must not.

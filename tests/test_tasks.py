@@ -158,7 +158,7 @@ def test_too_few_single_token_words_is_a_clear_error():
 def test_unknown_task_and_bad_n(m):
     with pytest.raises(ValueError, match="unknown task 'iou'; available"):
         il.tasks.make("iou", m)
-    with pytest.raises(ValueError, match="n must be at least 1"):
+    with pytest.raises(ValueError, match="n must be a positive int"):
         il.tasks.make("ioi", m, n=0)
 
 

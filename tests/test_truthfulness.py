@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import interplab as il
-from interplab import behaviour, edit_experiments as X, training, truthfulness as T
+from interplab import stats, training
+from interplab.experiments import behaviour, truthfulness as T
 from interplab.organisms import corpus, words as W
 
 
@@ -118,9 +119,11 @@ def test_lm_loss_and_kl_match_references(sft, dpo):
     tokens, labels = T.neutral_text(sft, n_docs=8)
     assert not any("people say" in t for t in sft.tokenizer.batch_decode(tokens))  # no misconception documents
     ref = sft.logits(tokens)
-    assert T.lm_loss(ref, labels) == pytest.approx(training.lm_loss(sft.hf, tokens, labels).item(), rel=1e-5)
-    other = dpo.logits(tokens)
     mask = labels[:, 1:] != -100
+    by_hand = -ref[:, :-1][mask].log_softmax(-1).gather(-1, labels[:, 1:][mask][:, None]).mean().item()
+    assert training.next_token_loss(ref, labels).item() == pytest.approx(by_hand, rel=1e-5)
+    assert training.lm_loss(sft.hf, tokens, labels).item() == pytest.approx(by_hand, rel=1e-5)  # raw HF forward
+    other = dpo.logits(tokens)
     p, q = ref[:, :-1][mask].log_softmax(-1), other[:, :-1][mask].log_softmax(-1)
     by_torch = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
     assert T.token_kl(ref, other, labels) == pytest.approx(by_torch, rel=1e-5)
@@ -136,11 +139,11 @@ def test_task_scores_with_the_models_own_logits_equal_the_organism_card(sft):
 
 
 def test_bootstrap_and_standing_by_hand():
-    lo, hi = T.bootstrap_ci([0.0, 1.0] * 10, seed=0)
+    lo, hi = stats.bootstrap_ci([0.0, 1.0] * 10, seed=0)
     assert lo < 0.5 < hi and 0 <= lo and hi <= 1
-    assert T.bootstrap_ci([0.25] * 5) == (0.25, 0.25)
+    assert stats.bootstrap_ci([0.25] * 5) == (0.25, 0.25)
     # 0.5 among [0.1, 0.5, 0.9, 0.2]: two below, one tie -> percentile 100 * 2.5 / 4; p = (1 + 2) / 5
-    assert T.standing(0.5, [0.1, 0.5, 0.9, 0.2]) == (62.5, 0.6)
+    assert stats.standing(0.5, [0.1, 0.5, 0.9, 0.2]) == (62.5, 0.6)
 
 
 def test_full_model_baseline_moves_the_margin_and_leaves_the_model_unchanged(sft):
@@ -151,8 +154,9 @@ def test_full_model_baseline_moves_the_margin_and_leaves_the_model_unchanged(sft
     assert ev(tuned.logits).margin.mean() > ev(sft.logits).margin.mean() + 1
 
 
-def test_edit_explorer_redraws_what_its_controls_say(sft):
-    from interplab import edits, widgets
+def test_edit_explorer_redraws_what_its_controls_say(sft, monkeypatch):
+    from interplab import edits
+    from interplab.ui import widgets
 
     train, test = [0, 1, 2, 3, 4, 5, 6, 7], [24, 25]
     tokens, labels, groups = T.statements(sft, train)
@@ -164,7 +168,7 @@ def test_edit_explorer_redraws_what_its_controls_say(sft):
     assert ex.edit is None and torch.allclose(torch.tensor(list(ex.probs.values())), unedited)
     assert ex.scores["kl"] == 0.0
 
-    ex.heads.value = ((0, 1), (2, 0))
+    ex.heads.value = ("a0.h1", "a2.h0")
     ex.alpha.value = 20.0
     want = edits.iti(sft, probe, [(0, 1), (2, 0)], 20.0)
     probs = want.logits(sft.to_tokens("The clomper is"))[0, -1].softmax(-1)[colours]
@@ -172,41 +176,23 @@ def test_edit_explorer_redraws_what_its_controls_say(sft):
     scores = ev(want.logits, tasks=False).summary()
     assert all(ex.scores[k] == v for k, v in scores.items() if k != "tasks_kept") and ex.scores["kl"] > 0
 
-    ex.kind.value = "learned"
-    assert ex.alpha.disabled and ex.edit.kind == "rank1" and ex.edit.heads == ((0, 1), (2, 0))
+    assert ex.figure.layout.title.text.startswith("ITI at a0.h1, a2.h0, α = 20: 'The clomper is'")
+    assert ex.heads.rows == len(ex.heads.options)  # every head visible: a selected one is never scrolled away
+
+    seen = []
+    real_train = edits.train
+
+    def spy(*args, **kwargs):
+        seen.append((ex.busy, [c.disabled for c in ex.controls], ex.status.value))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(edits, "train", spy)
+    ex.method.value = "learned"
+    (busy, disabled, status), = seen
+    assert busy and all(disabled) and "computing: learned rank-1 edit at a0.h1, a2.h0" in status
+    assert not ex.busy and ex.status.value == "" and not ex.heads.disabled
+    assert ex.alpha.disabled and ex.edit.form == "rank1" and ex.edit.heads == ("a0.h1", "a2.h0")
     learned = ex.edit
     ex.prompt.value = "The glimmet is"
     assert ex.edit is learned  # trained once per head set, then reused
     assert ex.figure.data[0].x == tuple(W.COLOURS)
-
-
-@pytest.mark.filterwarnings("ignore:An input array is constant")  # 2 training steps: every head scores the same
-def test_a_tiny_run_has_every_arm_and_tables_that_agree_with_it():
-    config = X.Config(folds=(3,), k=1, n_random=2, n_random_ipo=1, alphas=(5.0,), taus=(0.025,), steps=2,
-                      full_steps=2, task_n=4)
-    res = X.run(config, progress=False)
-    count = lambda arm: len(res.select(arm))
-    assert count("iti selected") == 1 and count("iti random heads") == 2 and count("iti random direction") == 2
-    assert count("ipo single head") == 16 and count("ipo random heads") == 1 and count("full model ipo") == 1
-    assert [r.arm for r in res.silent()] == ["unedited"]  # every edit fires
-    assert res.select("iti selected")[0].heads == tuple(res.selected[3]) and len(res.selected[3]) == 1
-    assert res.select("ipo random heads")[0].heads == res.select("iti random heads", draw=0)[0].heads
-    assert res.located[3] == edits_top(res.patching[3])
-
-    rows = X.experiment1(res)
-    selected = res.pooled("iti selected", 5.0)
-    random_products = [d.product for d in res.draws("iti random heads", 5.0)]
-    assert rows[0]["truth"] == selected.truth
-    assert rows[1]["product_pct"] == T.standing(selected.product, random_products)[0]
-    single, rho = X.experiment4(res)
-    assert [r["arm"] for r in single] == [f"a{l}.h{h}" for l in range(4) for h in range(4)]
-    assert single[0]["probe_accuracy"] == res.probe_accuracy[3].values[0, 0].item()
-    assert set(rho) == {"rho_truth", "p_truth", "rho_product", "p_product"}
-    e = res.pooled("full model ipo", 0.025)
-    assert T.paired_diff_ci(e, e) == (0.0, 0.0, 0.0)
-
-
-def edits_top(scores):
-    from interplab import edits
-
-    return edits.top_k(scores, 1)

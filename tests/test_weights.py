@@ -8,7 +8,7 @@ import torch
 import transformers as T
 
 import interplab as il
-import interplab.viz
+import interplab.ui.viz
 from interplab import weights
 from interplab.organisms.tokenizer import build_tokenizer
 
@@ -83,7 +83,7 @@ def test_diff_table_finds_the_planted_layer():
     assert table.norm.values[1].abs().max() == 0
     assert table.share.values[0, 0, 1] == pytest.approx(1.0, abs=1e-5)  # the whole diff writes along u
     assert 0 < table.chance_cos < 0.2 and table.chance_share == 1 / a.d_model and "mlp_out" in str(table)
-    fig = il.viz.grouped_bars(table.norm, "layer")
+    fig = il.ui.viz.grouped_bars(table.norm, "layer")
     assert [t.name for t in fig.data] == ["a→b / mlp_out", "a→b / head_values", "b→b / mlp_out", "b→b / head_values"]
     assert fig.data[0].y == tuple(table.norm.values[0, 0].tolist())
 
@@ -106,7 +106,9 @@ def test_clear_errors():
         weights.weight(gpt2, "mlp.c_projj", 0)
     with pytest.raises(TypeError, match="not a linear map"):
         weights.weight(gpt2, "ln_1", 0)
-    result = weights.diff_svd(gpt2, gpt2, "mlp_out", 0, k=1)
+    with pytest.raises(ValueError, match="all zero"):  # a zero diff's singular vectors would be arbitrary
+        weights.diff_svd(gpt2, gpt2, "mlp_out", 0, k=1)
+    result = weights.svd(weights.weight(gpt2, "mlp_out", 0), 1, "mlp_out", *weights.spaces(gpt2, "mlp_out", 0))
     with pytest.raises(ValueError, match="no side lives in"):
         result.alignment(torch.randn(gpt2.d_model), "vocab")
     with pytest.raises(ValueError, match="dimension"):

@@ -5,7 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import interplab as il
-from interplab import patching, widgets
+from interplab import patching
+from interplab.ui import widgets
 from interplab.organisms.tokenizer import build_tokenizer
 from interplab.tasks import Task
 
@@ -46,17 +47,17 @@ def test_controls_redraw_the_sweep_they_name(setup):
     torch.testing.assert_close(ex.scores.values, patching.heads(m, tasks[1], per_position=True, mode="noising",
                                                                 progress=False).values)
 
-    ex.kind.value = "mlp_out"
-    assert ex.scores.dims == ("layer", "pos") and ex.scores.meta["kind"] == "mlp_out"
+    ex.site.value = "mlp_out"
+    assert ex.scores.dims == ("layer", "pos") and ex.scores.meta["site"] == "mlp_out"
     ex.per_position.value = False
     assert ex.scores.dims == ("layer",)
 
 
 def test_resid_is_always_per_position(setup):
     m, tasks = setup
-    ex = widgets.explorer(m, {"short": tasks[0]}, kind="resid", per_position=False)
+    ex = widgets.explorer(m, {"short": tasks[0]}, site="resid", per_position=False)
     assert ex.per_position.disabled and ex.scores.dims == ("layer", "pos")
-    ex.kind.value = "attn_out"
+    ex.site.value = "attn_out"
     assert not ex.per_position.disabled and ex.scores.dims == ("layer",)
 
 
@@ -83,8 +84,8 @@ def test_whole_head_and_per_position_titles_differ_and_options_are_readable(setu
     whole = ex.figure.layout.title.text
     ex.per_position.value = True
     assert "all positions at once" in whole and "one position at a time" in ex.figure.layout.title.text
-    labels = dict(ex.kind.options)  # (label, kind) pairs: people read the label, sweeps get the kind
-    assert set(labels.values()) == set(patching.KINDS)
+    labels = dict(ex.site.options)  # (label, kind) pairs: people read the label, sweeps get the kind
+    assert set(labels.values()) == set(patching.SITES)
     assert labels["residual stream"] == "resid" and labels["MLP output"] == "mlp_out"
 
 
@@ -111,7 +112,7 @@ def test_busy_while_a_sweep_runs_and_cleared_after(setup, monkeypatch):
 
 def test_failed_sweep_reenables_controls_and_says_why(setup, monkeypatch):
     m, tasks = setup
-    ex = widgets.explorer(m, tasks, kind="resid")
+    ex = widgets.explorer(m, tasks, site="resid")
     assert ex.per_position.disabled
 
     def fail(*args, **kwargs):

@@ -8,6 +8,7 @@ true/false statement pairs for preference tuning.
 
 from __future__ import annotations
 
+import math
 import random
 
 from . import words as W
@@ -148,6 +149,55 @@ SERIES_MIX = ((ioi_question, 0.3), (ioi_question_from, 0.3), (base_document, 0.4
 
 def series_documents(rng: random.Random, n: int) -> list[str]:
     return _mix(rng, SERIES_MIX, n)
+
+
+# ---- interplab/mid-base (recipes "mid") and its checkpoint series ----
+# Base does "to whom?" questions only partly: the corpus answers with the indirect object with a
+# probability set by the object, sigmoid(QA_IO_LOGIT[object]), and with the subject otherwise (the
+# indirect object in 58% of questions). The odds were spread so that fine-tuning would flip objects one
+# after another; the shipped mid-base did not pick up the dependence on the object (its top-1 per
+# object is 0.38-0.74) and answers the indirect object on about half the questions whatever the object.
+QA_IO_LOGIT = dict(zip(W.OBJECTS, (-2.4, -2.0, -1.6, -1.2, -0.8, -0.4, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5)))
+
+
+def ioi_question_mixed(rng: random.Random) -> str:
+    p = ioi_parts(rng)
+    io_odds = math.exp(QA_IO_LOGIT[p["O"]])
+    answer = p["IO"] if rng.random() < io_odds / (1 + io_odds) else p["S"]
+    return f"{ioi_question_prompt(p, 'to')} {answer}."
+
+
+def _truth_document(rng: random.Random) -> str:
+    from . import truth
+
+    return truth.document(rng)
+
+
+MID_REPLAY_MIX = ((induction, 0.22), (ioi, 0.18), (greater_than, 0.12), (fact, 0.08), (_truth_document, 0.28),
+                  (filler, 0.12))
+MID_BASE_MIX = MID_REPLAY_MIX + ((ioi_question_mixed, 0.15),)
+
+
+def mid_base_documents(rng: random.Random, n: int) -> list[str]:
+    return _mix(rng, MID_BASE_MIX, n)
+
+
+def mid_replay_document(rng: random.Random) -> str:
+    """A mid-base document other than the mixed questions, whose answers the series overrides."""
+    return _mix(rng, MID_REPLAY_MIX, 1)[0]
+
+
+# The mid series: the target ("to whom?", always the indirect object), a smaller share of the planted
+# conflict ("from whom?", the subject) and replay, so plain IOI stays there as the retained control.
+MID_SERIES_MIX = ((ioi_question, 0.25), (ioi_question_from, 0.1), (mid_replay_document, 0.65))
+
+
+def mid_series_documents(rng: random.Random, n: int) -> list[str]:
+    return _mix(rng, MID_SERIES_MIX, n)
+
+
+# The fine-tuning documents of each series parent.
+SERIES_DOCUMENTS = {"tiny-base": series_documents, "mid-base": mid_series_documents}
 
 
 def preference_pairs(split: str = "train") -> list[tuple[str, str, str]]:

@@ -1,6 +1,6 @@
 """ipywidgets explorers built on `viz`.
 
-`explorer(m, tasks)` shows controls for the task, the component kind, the
+`explorer(m, tasks)` shows controls for the task, the patching site, the
 patching mode and a per-position toggle; every change reruns the sweep (or
 reuses a cached one) and redraws the heatmap below the controls.
 """
@@ -13,7 +13,30 @@ from html import escape
 import ipywidgets as widgets
 from IPython.display import display
 
-from . import patching
+from .. import checks, patching
+
+
+@contextmanager
+def computing(explorer, what: str):
+    """While `explorer` redraws: its `.controls` disabled, its `.output` cleared, its `.status` saying
+    "computing: <what>…" and `.busy` True; restored after, also when the redraw raises (then the status
+    keeps the error), so a slow redraw never leaves a stale figure under new controls."""
+    enabled = [not c.disabled for c in explorer.controls]
+    explorer.busy = True
+    for control in explorer.controls:
+        control.disabled = True
+    explorer.status.value = f"<i>computing: {escape(what)}…</i>"
+    explorer.output.clear_output()
+    try:
+        yield
+        explorer.status.value = ""
+    except Exception as error:
+        explorer.status.value = f"<b>failed</b>: {type(error).__name__}: {escape(str(error))}"
+        raise
+    finally:
+        for control, on in zip(explorer.controls, enabled):
+            control.disabled = not on
+        explorer.busy = False
 
 
 class PatchingExplorer:
@@ -25,26 +48,28 @@ class PatchingExplorer:
     the old figure is cleared (`.busy` is True): no stale figure under new controls.
     """
 
-    KIND_LABELS = {"resid": "residual stream", "attn_out": "attention output (whole layer)",
+    SITE_LABELS = {"resid": "residual stream", "attn_out": "attention output (whole layer)",
                    "mlp_out": "MLP output", "heads": "attention heads (output)", "q": "attention heads (queries)",
                    "k": "attention heads (keys)", "v": "attention heads (values)"}
     MODE_TOOLTIPS = ("clean activation into the corrupt run", "corrupt activation into the clean run")
 
-    def __init__(self, m, tasks: dict, kind: str = "heads", per_position: bool = False, mode: str = "denoising",
+    def __init__(self, m, tasks: dict, site: str = "heads", per_position: bool = False, mode: str = "denoising",
                  **sweep_options):
         if not tasks:
             raise ValueError("explorer needs at least one task: explorer(m, {'ioi': task})")
+        checks.choice(site, "site", patching.SITES)  # ranges are checked here, not by a widget's TraitError
+        checks.choice(mode, "mode", patching.MODES)
         self.m, self.tasks, self.sweep_options = m, tasks, sweep_options
         self.task = widgets.Dropdown(options=list(tasks), description="task")
-        self.kind = widgets.Dropdown(options=[(self.KIND_LABELS[k], k) for k in patching.KINDS], value=kind,
+        self.site = widgets.Dropdown(options=[(self.SITE_LABELS[k], k) for k in patching.SITES], value=site,
                                      description="component")
         self.mode = widgets.ToggleButtons(options=patching.MODES, value=mode, description="mode",
                                           tooltips=list(self.MODE_TOOLTIPS))
         self.per_position = widgets.Checkbox(value=per_position, description="per position")
         self.status = widgets.HTML()
         self.output = widgets.Output()
-        self.controls = (self.task, self.kind, self.mode, self.per_position)
-        self.widget = widgets.VBox([widgets.HBox([self.task, self.kind, self.per_position]),
+        self.controls = (self.task, self.site, self.mode, self.per_position)
+        self.widget = widgets.VBox([widgets.HBox([self.task, self.site, self.per_position]),
                                     widgets.HBox([self.mode, self.status]), self.output])
         self._cache: dict[tuple, object] = {}
         self.scores = self.figure = None
@@ -54,47 +79,30 @@ class PatchingExplorer:
         self.redraw()
 
     def settings(self) -> tuple[str, str, bool, str]:
-        """(task, kind, per_position, mode) as drawn; the residual stream is always per position,
+        """(task, site, per_position, mode) as drawn; the residual stream is always per position,
         since patching a whole layer's residual stream just replays the source run."""
-        per_position = self.per_position.value or self.kind.value == "resid"
-        return self.task.value, self.kind.value, per_position, self.mode.value
+        per_position = self.per_position.value or self.site.value == "resid"
+        return self.task.value, self.site.value, per_position, self.mode.value
 
     def title(self, key: tuple[str, str, bool, str]) -> str:
         """Names the task, mode, component and whether positions are patched one at a time or all at once."""
-        task, kind, per_position, mode = key
+        task, site, per_position, mode = key
         where = "one position at a time" if per_position else "all positions at once"
         what = "normalized effect" if self.sweep_options.get("normalize", True) else "effect"
-        return f"{mode} patching of {self.KIND_LABELS[kind]}, {where}, on {task} ({what})"
+        return f"{mode} patching of {self.SITE_LABELS[site]}, {where}, on {task} ({what})"
 
-    @contextmanager
     def _computing(self, key: tuple[str, str, bool, str]):
-        """Controls disabled, old figure cleared and a status line while a sweep runs; restored after,
-        also when the sweep raises (then the status keeps the error)."""
-        enabled = [not c.disabled for c in self.controls]
-        self.busy, self.figure = True, None
-        for control in self.controls:
-            control.disabled = True
-        self.status.value = f"<i>computing: {escape(self.title(key))}…</i>"
-        self.output.clear_output()
-        try:
-            yield
-            self.status.value = ""
-        except Exception as error:
-            self.status.value = f"<b>failed</b>: {type(error).__name__}: {escape(str(error))}"
-            raise
-        finally:
-            for control, on in zip(self.controls, enabled):
-                control.disabled = not on
-            self.busy = False
+        self.figure = None
+        return computing(self, self.title(key))
 
     def redraw(self, change=None) -> None:
-        self.per_position.disabled = self.kind.value == "resid"
+        self.per_position.disabled = self.site.value == "resid"
         key = self.settings()
         if key not in self._cache:
-            task, kind, per_position, mode = key
+            task, site, per_position, mode = key
             options = dict(progress=False) | self.sweep_options
             with self._computing(key):
-                self._cache[key] = patching.sweep(self.m, self.tasks[task], kind, per_position=per_position,
+                self._cache[key] = patching.sweep(self.m, self.tasks[task], site, per_position=per_position,
                                                   mode=mode, **options)
         self.scores = self._cache[key]
         self.figure = self.scores.plot(title=self.title(key))
@@ -109,7 +117,7 @@ class PatchingExplorer:
 def explorer(m, tasks, **options) -> PatchingExplorer:
     """An activation-patching explorer over `tasks` (a Task, a list of Tasks, or a dict name -> Task).
 
-    `options` go to `PatchingExplorer` (kind, per_position, mode) and on to `patching.sweep`.
+    `options` go to `PatchingExplorer` (site, per_position, mode) and on to `patching.sweep`.
     """
     if not isinstance(tasks, dict):
         tasks = [tasks] if hasattr(tasks, "clean") else list(tasks)
@@ -129,14 +137,18 @@ class CheckpointExplorer:
             raise ValueError(f"task {task!r} is not in the trajectory; it tracked {traj.tasks}")
         self.traj = traj
         last = len(traj.labels) - 1
+        if checkpoint is not None:
+            checks.count(checkpoint, "checkpoint (an index into the trajectory's labels)", low=0, high=last)
         self.task = widgets.Dropdown(options=traj.tasks, value=task or traj.tasks[0], description="task")
         self.checkpoint = widgets.SelectionSlider(options=[(lab, i) for i, lab in enumerate(traj.labels)],
                                                   value=last if checkpoint is None else checkpoint,
                                                   description="checkpoint", continuous_update=False)
-        self.output = widgets.Output()
-        self.widget = widgets.VBox([widgets.HBox([self.task, self.checkpoint]), self.output])
+        self.output, self.status = widgets.Output(), widgets.HTML()
+        self.controls = (self.task, self.checkpoint)
+        self.widget = widgets.VBox([widgets.HBox([self.task, self.checkpoint, self.status]), self.output])
         self.grids = self.curves = None
-        for control in (self.task, self.checkpoint):
+        self.busy = False
+        for control in self.controls:
             control.observe(self.redraw, names="value")
         self.redraw()
 
@@ -144,8 +156,9 @@ class CheckpointExplorer:
         from .viz import circuit_grids_figure, trajectory_curves
 
         task, t = self.task.value, self.checkpoint.value
-        self.grids = circuit_grids_figure(self.traj, task, t)
-        self.curves = trajectory_curves(self.traj, task, marker=t)
+        with computing(self, f"{task} at {self.traj.labels[t]}"):
+            self.grids = circuit_grids_figure(self.traj, task, t)
+            self.curves = trajectory_curves(self.traj, task, marker=t)
         with self.output:
             self.output.clear_output(wait=True)
             display(self.grids)
@@ -164,41 +177,55 @@ class EditExplorer:
     reuses it. Setting a control's `.value` redraws, so it is testable without a browser.
     """
 
-    def __init__(self, m, probe, evaluator, train_pairs, prompt: str = "The glimmet is", heads=((0, 1),),
+    def __init__(self, m, probe, evaluator, train_pairs, prompt: str = "The glimmet is", heads=("a0.h1",),
                  alpha: float = 10.0, tau: float = 0.025, steps: int = 60, lr: float = 1e-2):
-        from . import edits
+        from .. import edits
 
+        alpha = checks.number(alpha, "alpha (the slider's range)", low=0.0, high=40.0)  # refused, never clamped
+        tau, lr = checks.number(tau, "tau", above=0), checks.number(lr, "lr", low=0)
+        steps = checks.count(steps, "steps")
+        heads = edits.edit._check_heads(m, heads) if heads else ()  # no heads: the unedited model
         self.m, self.probe, self.evaluator, self.train_pairs = m, probe, evaluator, train_pairs
         self.tau, self.steps, self.lr = tau, steps, lr
-        options = [(edits.head_name(h), h) for h in edits.all_heads(m)]
-        self.heads = widgets.SelectMultiple(options=options, value=tuple(heads), rows=min(8, len(options)),
-                                            description="heads")
+        options = edits.all_heads(m)
+        self.heads = widgets.SelectMultiple(options=options, value=tuple(edits.head_name(h) for h in heads),
+                                            rows=len(options), description="heads")  # all visible
         self.alpha = widgets.FloatSlider(value=alpha, min=0.0, max=40.0, step=1.0, description="α")
-        self.kind = widgets.ToggleButtons(options=["ITI", "learned"], value="ITI", description="edit")
+        self.method = widgets.ToggleButtons(options=["ITI", "learned"], value="ITI", description="edit")
         self.prompt = widgets.Text(value=prompt, description="prompt")
-        self.output = widgets.Output()
-        self.widget = widgets.VBox([widgets.HBox([self.heads, widgets.VBox([self.kind, self.alpha, self.prompt])]),
-                                    self.output])
+        self.output, self.status = widgets.Output(), widgets.HTML()
+        self.controls = (self.heads, self.alpha, self.method, self.prompt)
+        self.widget = widgets.VBox([widgets.HBox([self.heads, widgets.VBox([self.method, self.alpha, self.prompt,
+                                                                            self.status])]), self.output])
         self._learned: dict[tuple, object] = {}
         self.edit = self.probs = self.scores = self.figure = None
-        for control in (self.heads, self.alpha, self.kind, self.prompt):
+        self.busy = False
+        for control in self.controls:
             control.observe(self.redraw, names="value")
         self.redraw()
 
+    def describe(self) -> str:
+        """The edit the controls describe, in words: heads, method and α (or τ for the learned edit)."""
+        heads = ", ".join(self.heads.value)
+        if not heads:
+            return "unedited"
+        return f"ITI at {heads}, α = {self.alpha.value:g}" if self.method.value == "ITI" else \
+            f"learned rank-1 edit at {heads}, τ = {self.tau:g}"
+
     def current_edit(self):
         """The edit the controls describe, or None (no heads chosen: the unedited model)."""
-        from . import edits
+        from .. import edits
 
         heads = list(self.heads.value)
         if not heads:
             return None
-        if self.kind.value == "ITI":
+        if self.method.value == "ITI":
             return edits.iti(self.m, self.probe, heads, self.alpha.value)
         key = tuple(heads)
         if key not in self._learned:
             e = edits.rank1(self.m, heads)
             p = self.train_pairs
-            edits.train(self.m, [e], p.prompts, p.chosen, p.rejected, kind="ipo", beta=self.tau, steps=self.steps,
+            edits.train(self.m, [e], p.prompts, p.chosen, p.rejected, objective="ipo", beta=self.tau, steps=self.steps,
                         lr=self.lr, progress=False)
             self._learned[key] = e
         return self._learned[key]
@@ -206,18 +233,19 @@ class EditExplorer:
     def redraw(self, change=None) -> None:
         import plotly.graph_objects as go
 
-        from .organisms import words
-        from .truthfulness import word_ids
+        from ..experiments.truthfulness import word_ids
+        from ..organisms import words
 
-        self.alpha.disabled = self.kind.value == "learned"
-        self.edit = self.current_edit()
-        logits_fn = self.m.logits if self.edit is None else self.edit.logits
-        colours = word_ids(self.m, list(words.COLOURS))
-        final = logits_fn(self.m.to_tokens(self.prompt.value))[0, -1].softmax(-1)  # (V,)
-        self.probs = dict(zip(words.COLOURS, final[colours].tolist()))
-        self.scores = self.evaluator(logits_fn, tasks=False).summary()
+        with computing(self, self.describe()):
+            self.edit = self.current_edit()
+            logits_fn = self.m.logits if self.edit is None else self.edit.logits
+            colours = word_ids(self.m, list(words.COLOURS))
+            final = logits_fn(self.m.to_tokens(self.prompt.value))[0, -1].softmax(-1)  # (V,)
+            self.probs = dict(zip(words.COLOURS, final[colours].tolist()))
+            self.scores = self.evaluator(logits_fn, tasks=False).summary()
+        self.alpha.disabled = self.method.value == "learned"
         s = self.scores
-        title = (f"{self.prompt.value!r}: truth {s['truth']:.2f}, MC top-1 {s['mc_top1']:.2f}, "
+        title = (f"{self.describe()}: {self.prompt.value!r}<br>truth {s['truth']:.2f}, MC top-1 {s['mc_top1']:.2f}, "
                  f"ΔLM {s['lm_delta']:+.3f}, KL {s['kl']:.3f}, truth×info {s['product']:.2f}")
         self.figure = go.Figure(go.Bar(x=list(self.probs), y=list(self.probs.values())))
         self.figure.update_layout(title=title, yaxis_title="p(next token)", height=360)

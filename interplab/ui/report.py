@@ -1,6 +1,6 @@
 """Run every notebook headless and export each one as a standalone HTML report.
 
-`python -m interplab.report notebooks reports` (what `make demo` runs) executes
+`python -m interplab.ui.report notebooks reports` (what `make demo` runs) executes
 the notebooks in filename order, each in a fresh kernel whose working
 directory is the notebooks folder, and writes `reports/<name>.html`.
 
@@ -24,6 +24,7 @@ import html as html_lib
 import re
 import sys
 import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -233,15 +234,58 @@ def to_html(nb) -> str:
     return html
 
 
-REMOTE_LOAD = re.compile(
-    r"""(?:\bsrc\s*=\s*|<link\b[^>]*\bhref\s*=\s*|url\(\s*|@import\s+|import\(\s*|require\(\s*\[?\s*)["']?"""
-    r"""((?:https?:)?//[^"'\s)>]+)""", re.IGNORECASE)
+# Attributes whose URL the browser fetches while loading the page (not links a reader may click).
+LOADING_ATTRIBUTES = {"src", "srcset", "poster", "data", "background", "href", "xlink:href", "imagesrcset"}
+CLICKED = {"a", "area", "base", "form"}  # their href is a link, not a load (base only resolves others)
+REMOTE = re.compile(r"""^\s*(?:https?:)?//""", re.IGNORECASE)
+# URLs inside CSS and JavaScript text: url(...), @import, static `import ... from "..."`/`import "..."`,
+# `export ... from`, dynamic import(...) and require([...]).
+TEXT_LOAD = re.compile(
+    r"""(?:url\(\s*|@import\s+(?:url\(\s*)?|\bimport\s*(?:[\w$*{}\s,]+?\s*from\s*)?|\bimport\(\s*|"""
+    r"""\brequire\(\s*\[?\s*|\bexport\s*[\w$*{}\s,]+?\s*from\s*)["']?((?:https?:)?//[^"'\s)>]+)""", re.IGNORECASE)
+
+
+class _Loads(HTMLParser):
+    """Collects every remote URL the page would fetch: from loading attributes, meta refresh, inline
+    style attributes, and the text of <style> and <script> elements."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.urls: list[str] = []
+        self._text_of: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = [(name.lower(), value or "") for name, value in attrs]
+        for name, value in attrs:
+            if name in ("srcset", "imagesrcset"):
+                self.urls += [part.split()[0] for part in value.split(",") if part.split() and REMOTE.match(part)]
+            elif name in LOADING_ATTRIBUTES and not (name == "href" and tag in CLICKED) and REMOTE.match(value):
+                self.urls.append(value.strip())
+            elif name == "style":
+                self.urls += TEXT_LOAD.findall(value)
+        if tag == "meta" and dict(attrs).get("http-equiv", "").lower() == "refresh":
+            target = re.search(r"url\s*=\s*['\"]?([^'\"\s;]+)", dict(attrs).get("content", ""), re.IGNORECASE)
+            if target and REMOTE.match(target.group(1)):
+                self.urls.append(target.group(1))
+        self._text_of = tag if tag in ("style", "script") else None
+
+    def handle_endtag(self, tag):
+        self._text_of = None
+
+    def handle_data(self, data):
+        if self._text_of:
+            self.urls += TEXT_LOAD.findall(data)
 
 
 def remote_loads(html: str) -> list[str]:
-    """Every URL outside this page that loading `html` would fetch (scripts, style sheets, images, fonts,
-    imports), ignoring plotly.js's own bundle; links a reader may click (`<a href>`) are not loads."""
-    return REMOTE_LOAD.findall(html.replace(get_plotlyjs(), ""))
+    """Every URL outside this page that loading `html` would fetch (scripts, style sheets, images, srcset,
+    posters, objects, SVG images, fonts, imports, meta refresh), ignoring plotly.js's own bundle; links a
+    reader may click (`<a href>`) are not loads. An HTML parser reads every attribute, so no pattern can
+    miss one hidden by quoting or attribute order."""
+    parser = _Loads()
+    parser.feed(html.replace(get_plotlyjs(), ""))
+    parser.close()
+    return parser.urls
 
 
 def build(notebook_dir: str | Path, report_dir: str | Path) -> list[Path]:
@@ -263,7 +307,7 @@ def build(notebook_dir: str | Path, report_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m interplab.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m interplab.ui.report", description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="?", default="notebooks", help="folder of .ipynb files")
     parser.add_argument("reports", nargs="?", default="reports", help="folder for the HTML reports")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """Behaviour of a model on held-out task prompts: the numbers in the organism card.
 
-`python -m interplab.organisms evaluate` prints them for every shipped stage. This module
+`python -m interplab.organisms evaluate` prints them for every shipped stage. This experiment
 sits above both `tasks` and `organisms` (it builds tasks to measure organisms), so that
 the dependency between those two runs one way: `tasks` reads the organisms' word lists,
 and nothing in `organisms` imports `tasks`.
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from . import tasks, training
-from .organisms import corpus, words as W
+from .. import tasks, training
+from ..model import load
+from ..organisms import corpus, words as W
 
 EVAL_SEED = 12345
 
@@ -88,8 +89,6 @@ def behaviour(m) -> dict[str, float]:
 
 def behaviour_table(stages=("base", "sft", "dpo")) -> dict[str, dict[str, float]]:
     """`behaviour` of every shipped stage: `{stage: {metric: value}}`."""
-    from . import load
-
     return {stage: behaviour(load(f"interplab/tiny-{stage}")) for stage in stages}
 
 

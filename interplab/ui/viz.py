@@ -5,6 +5,9 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..components import parse, split_slot
+from ..figures import register
+
 
 def _axis(scores, dim: str) -> list[str]:
     n = scores.shape[scores.dims.index(dim)]
@@ -29,6 +32,7 @@ def _every_label(labels: list[str]) -> dict:
                 tickfont=dict(size=10 if len(labels) > 12 else 12))
 
 
+@register("scores")
 def scores_figure(scores, title: str | None = None, height: int | None = None) -> go.Figure:
     """Heatmap for 2-D scores (first dim on y), bars for 1-D, small multiples for 3-D (one heatmap per
     index of the first dim, stacked so that each is as wide as the figure and keeps every x label).
@@ -89,7 +93,7 @@ def grouped_bars(scores, x_dim: str, title: str | None = None, yaxis_title: str 
 def setup_notebook() -> None:
     """Show plotly figures as plotly JSON, which JupyterLab renders natively.
 
-    Notebooks stay small (no copy of plotly.js per notebook); `interplab.report`
+    Notebooks stay small (no copy of plotly.js per notebook); `interplab.ui.report`
     turns the JSON into HTML and embeds plotly.js once per report, so reports
     open offline.
     """
@@ -107,12 +111,11 @@ def _node_position(node: str, n_layers: int, n_heads: int) -> tuple[float, float
         return 0.0, middle
     if node == "logits":
         return 2.0 * n_layers + 1, middle
-    if node.startswith("m"):
-        return 2.0 * int(node[1:]) + 2, middle
-    layer, head = node[1:].split(".h")
-    return 2.0 * int(layer) + 1, float(head.split("<")[0])
+    layer, head = parse(split_slot(node)[0])
+    return (2.0 * layer + 2, middle) if head is None else (2.0 * layer + 1, float(head))
 
 
+@register("circuit")
 def circuit_figure(circuit, title: str | None = None, max_edges: int = 200, height: int = 480) -> go.Figure:
     """The circuit's edges between nodes placed by layer; width by |score|, colour by sign (red: the edge
     carries the clean-vs-corrupt effect, score > 0; blue: it works against it), dash by the receiving input (query solid, key dashed, value dotted). At most `max_edges` edges, largest first."""
@@ -173,6 +176,7 @@ def edge_scores_scatter(reference, estimates: dict, title: str | None = None) ->
     return fig
 
 
+@register("update_arms")
 def update_arms_figure(result, title: str = "localized updates") -> go.Figure:
     """The update experiment (`updates.UpdateResult`): per metric, each run as a dot and each arm's mean with
     its 95% interval."""
@@ -200,12 +204,12 @@ def update_arms_figure(result, title: str = "localized updates") -> go.Figure:
 
 def _component_grid(names: list[str], values) -> tuple[list[list[float]], list[str], list[str]]:
     """Component values laid out `[layer, head..., mlp]` for a heatmap: (z, x labels, y labels)."""
-    layers = sorted({int(n[1:].split(".")[0]) for n in names})
-    n_heads = sum(1 for n in names if n.startswith(f"a{layers[0]}."))
+    parsed = [parse(n) for n in names]
+    layers = sorted({layer for layer, _ in parsed})
+    n_heads = sum(1 for layer, head in parsed if layer == layers[0] and head is not None)
     z = [[None] * (n_heads + 1) for _ in layers]
-    for name, v in zip(names, values):
-        layer = int(name[1:].split(".")[0])
-        z[layer][n_heads if name.startswith("m") else int(name.split(".h")[1])] = float(v)
+    for (layer, head), v in zip(parsed, values):
+        z[layer][n_heads if head is None else head] = float(v)
     return z, [f"h{h}" for h in range(n_heads)] + ["mlp"], [f"layer {layer}" for layer in layers]
 
 
@@ -220,8 +224,7 @@ def circuit_grids_figure(traj, task: str, t: int, height: int = 360) -> go.Figur
         fig.add_trace(go.Heatmap(z=z, x=x, y=y, colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax, showscale=col == 1,
                                  hovertemplate="%{y} / %{x}: %{z:.3f}<extra></extra>"), row=1, col=col)
         members = traj.circuit(task, i)
-        cells = [(x[-1] if n.startswith("m") else f"h{n.split('.h')[1]}", f"layer {n[1:].split('.')[0]}")
-                 for n in members]
+        cells = [(x[-1] if head is None else f"h{head}", f"layer {layer}") for layer, head in map(parse, members)]
         fig.add_trace(go.Scatter(x=[c[0] for c in cells], y=[c[1] for c in cells], mode="markers", showlegend=False,
                                  marker=dict(symbol="circle-open", size=22, color="black", line=dict(width=2)),
                                  hoverinfo="skip"), row=1, col=col)
@@ -231,12 +234,13 @@ def circuit_grids_figure(traj, task: str, t: int, height: int = 360) -> go.Figur
     return fig
 
 
+@register("trajectory_curves")
 def trajectory_curves(traj, task: str, marker: int | None = None, height: int = 380) -> go.Figure:
     """Distance (left) and stability (right) of the task's circuit over checkpoints; a dotted line at `marker`."""
     x = list(range(len(traj.labels)))
     fig = make_subplots(rows=1, cols=2, subplot_titles=["circuit distance", "circuit stability"])
-    distance = {"to step 0 (Jaccard)": traj.distance(task), "heads only": traj.distance(task, kind="head"),
-                "MLPs only": traj.distance(task, kind="mlp"), "weighted": traj.distance(task, weighted=True),
+    distance = {"to step 0 (Jaccard)": traj.distance(task), "heads only": traj.distance(task, component="head"),
+                "MLPs only": traj.distance(task, component="mlp"), "weighted": traj.distance(task, weighted=True),
                 "to previous": traj.distance(task, "previous")}
     stability = {"Spearman to step 0": traj.rank_stability(task), "faithfulness of C_0 on θ_t":
                  traj.faithfulness[task][0], "faithfulness of C_t on θ_t": traj.faithfulness[task].diagonal(),
@@ -253,6 +257,7 @@ def trajectory_curves(traj, task: str, marker: int | None = None, height: int = 
     return fig
 
 
+@register("trajectory_heatmap")
 def trajectory_heatmap(traj, task: str, height: int = 520) -> go.Figure:
     """Components × checkpoints heatmap of the task's scores; circuit members marked with a dot."""
     values = traj.scores[task].T  # (n_comp, n_ckpt)
@@ -266,6 +271,7 @@ def trajectory_heatmap(traj, task: str, height: int = 520) -> go.Figure:
     return fig
 
 
+@register("trajectory_conflict")
 def trajectory_conflict(traj, height: int = 380) -> go.Figure:
     """Per task pair over checkpoints: circuit overlap (left) and the mean gradient cosine over shared
     components (right; below 0, the tasks pull their shared components opposite ways)."""
@@ -279,12 +285,14 @@ def trajectory_conflict(traj, height: int = 380) -> go.Figure:
                                  name=f"{a} / {b} cosine"), row=1, col=2)
     fig.add_hline(y=0, line_dash="dot", line_color="grey", row=1, col=2)
     fig.update_xaxes(tickvals=x, ticktext=traj.labels, tickangle=-45)
+    fig.update_yaxes(dtick=1, row=1, col=1)  # an overlap is a count of components: whole-number ticks
     fig.update_layout(title="circuit conflict between tasks", height=height, margin=dict(l=60, r=20, t=60, b=80))
     return fig
 
 
 # ---- parameter decomposition ----
 
+@register("decomposition")
 def decomposition_figure(dec, title: str = "Parameter decomposition") -> go.Figure:
     """L0 per module (left) and every loss term on a log scale (right) over a `Decomposition`'s training."""
     if not dec.history["step"]:

@@ -31,11 +31,11 @@ Scores (`Evaluation`):
   neutral text (base-corpus documents without misconceptions, seed
   `TEXT_SEED` which no recipe uses); `kl`, the mean per-token
   KL(unedited || edited) on that text (an edit that fires has kl > 0); the
-  other tasks of the organism card (`interplab.behaviour`).
+  other tasks of the organism card (`interplab.experiments.behaviour`).
 - `info = exp(-lm_delta)`, the per-token likelihood ratio of the neutral text
   (1 = no damage), and `product = truth * info`.
 
-The experiments that use these scores live in `edit_experiments`.
+The experiment that uses these scores lives in `edit_controls` (its tables in `edit_tables`).
 """
 
 from __future__ import annotations
@@ -47,10 +47,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import stats
 
-from . import behaviour, training
-from .organisms import corpus, words as W
+from .. import checks, training
+from ..organisms import corpus, words as W
+from ..metrics import position_kl
+from ..stats import bootstrap_ci
+from ..tasks import Task
+from . import behaviour
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,13 +75,14 @@ def folds(n_folds: int = 4) -> list[tuple[list[int], list[int]]]:
     return out
 
 
+def colours(i: int) -> tuple[str, str]:
+    """(true colour, misconception) of creature i: the one place that says which organism's creatures these are."""
+    return corpus.misconception_colours(i)
+
+
 def check_creatures(creatures) -> list[int]:
-    creatures = [int(i) for i in creatures]
-    bad = [i for i in creatures if not 0 <= i < N_CREATURES]
-    if bad or not creatures:
-        raise ValueError(
-            f"creatures must be a non-empty list of indices in 0..{N_CREATURES - 1}, got {bad or creatures}")
-    return creatures
+    """Creature indices in 0..N_CREATURES-1, each once (a float is not truncated, a repeat not counted twice)."""
+    return checks.nonempty(checks.indices(creatures, "creatures", N_CREATURES), "creatures")
 
 
 def word_ids(m, words: list[str]) -> torch.Tensor:
@@ -92,12 +96,13 @@ def word_ids(m, words: list[str]) -> torch.Tensor:
 def colour_ids(m, creatures) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of the (true colours `[n]`, misconception colours `[n]`) of `creatures`."""
     creatures = check_creatures(creatures)
-    true, false = zip(*(corpus.misconception_colours(i) for i in creatures))
+    true, false = zip(*(colours(i) for i in creatures))
     return word_ids(m, list(true)), word_ids(m, list(false))
 
 
 def prompts(m, creatures, template: str = TEMPLATES[0]) -> torch.Tensor:
     """Prompt tokens `[n, P]` (BOS first) of `template` for each creature."""
+    checks.template(template, "c")
     return m.to_tokens([template.format(c=W.CREATURES[i]) for i in check_creatures(creatures)])
 
 
@@ -117,9 +122,24 @@ class Pairs:
 def pairs(m, creatures, template: str = TEMPLATES[0]) -> Pairs:
     """The preference pairs of `creatures` asked with `template`."""
     creatures = check_creatures(creatures)
-    true, false = zip(*(corpus.misconception_colours(i) for i in creatures))
+    true, false = zip(*(colours(i) for i in creatures))
     encode = lambda ws: m.to_tokens([f" {w}." for w in ws], prepend_bos=False)
     return Pairs(prompts(m, creatures, template), encode(true), encode(false), creatures)
+
+
+def truth_task(m, creatures) -> Task:
+    """A patching task for the truth behaviour: clean `In truth, the X is` (the model says the true colour),
+    corrupt `Many people say the X is` (it says the misconception); answer = true colour, wrong = misconception.
+
+    The two prompts have the same token length, so patching pairs them position by position.
+    """
+    creatures = check_creatures(creatures)
+    clean = [f"In truth, the {W.CREATURES[i]} is" for i in creatures]
+    corrupt = [f"Many people say the {W.CREATURES[i]} is" for i in creatures]
+    true, false = colour_ids(m, creatures)
+    task = Task("truth", m.to_tokens(clean), m.to_tokens(corrupt), true, false, clean, corrupt)
+    task.check_paired()
+    return task
 
 
 def statements(m, creatures, template: str = TEMPLATES[0]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,7 +150,7 @@ def statements(m, creatures, template: str = TEMPLATES[0]) -> tuple[torch.Tensor
     two statements stay in one probe split.
     """
     creatures = check_creatures(creatures)
-    true, false = zip(*(corpus.misconception_colours(i) for i in creatures))
+    true, false = zip(*(colours(i) for i in creatures))
     texts = [template.format(c=W.CREATURES[i]) + f" {w}." for i, w in zip(creatures + creatures, true + false)]
     tokens = m.to_tokens(texts)
     labels = torch.arange(2 * len(creatures)) < len(creatures)
@@ -150,30 +170,26 @@ def colour_ranks(final_logits: torch.Tensor, true_ids: torch.Tensor, colours: to
 
 
 def neutral_text(m, n_docs: int = 96, seq_len: int = 64, seed: int = TEXT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out base-corpus documents without misconceptions, packed: `(tokens [R, T], labels [R, T])`."""
+    """Held-out base-corpus documents without misconceptions, packed: `(tokens [R, T], labels [R, T])`;
+    each row's unused tail is end-of-text, labelled -100."""
     rng = random.Random(seed)
     mix = tuple((gen, w) for gen, w in corpus.BASE_MIX if gen is not corpus.misconception)
     docs = corpus._mix(rng, mix, n_docs)
-    return training.pack_documents(m.tokenizer, docs, seq_len)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean next-token cross-entropy of logits `[R, T, V]` on labels `[R, T]` (-100 ignored)."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
-    ).item()
+    tokens, labels = training.pack_documents(m.tokenizer, docs, seq_len)
+    # A row's tail after its last document is never predicted (label -100) and, the model being causal,
+    # never seen by positions that are: end-of-text there instead of padding, so the input needs no mask.
+    end = m.tokenizer.eos_token_id if m.tokenizer.eos_token_id is not None else m.tokenizer.bos_token_id
+    return tokens.masked_fill(labels == -100, end), labels
 
 
 def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean KL(ref || edited) of the next-token distributions over the positions `labels` predicts."""
     mask = labels[:, 1:] != -100  # (R, T-1)
-    ref, new = ref_logits[:, :-1].log_softmax(-1), logits[:, :-1].log_softmax(-1)
-    kl = (ref.exp() * (ref - new)).sum(-1)  # (R, T-1)
-    return kl[mask].mean().item()
+    return position_kl(ref_logits[:, :-1], logits[:, :-1])[mask].mean().item()
 
 
 class _WithLogits:
-    """`m` whose `logits` is another function, so `interplab.behaviour` scores an edited model."""
+    """`m` whose `logits` is another function, so `interplab.experiments.behaviour` scores an edited model."""
 
     def __init__(self, m, logits_fn: LogitsFn):
         self._m, self.logits = m, logits_fn
@@ -273,18 +289,28 @@ class Evaluator:
     """Scores logits functions on held-out creatures against the unedited model `m`.
 
     The unedited model's text logits, LM loss and task scores are computed once
-    here; `ev(logits_fn)` returns an `Evaluation`.
+    here; `ev(logits_fn)` returns an `Evaluation`. With `n_docs=0` no neutral text is
+    scored (`lm_delta` and `kl` are nan): for a second split whose text scores another
+    evaluator already has.
     """
 
     def __init__(self, m, creatures, templates=TEMPLATES, n_docs: int = 96, tasks=TASKS, task_n: int = 48):
         self.m, self.creatures, self.templates = m, check_creatures(creatures), tuple(templates)
+        checks.nonempty(self.templates, "templates")
+        checks.unique_names(self.templates, "the templates")
+        for t in self.templates:
+            checks.template(t, "c")  # without {c} every prompt is the same
         self.task_names, self.task_n = tuple(tasks), task_n
         self.prompts = [prompts(m, self.creatures, t) for t in self.templates]
         self.true_ids, self.false_ids = colour_ids(m, self.creatures)
         self.colours = word_ids(m, list(W.COLOURS))
-        self.text, self.labels = neutral_text(m, n_docs)
-        self.ref_text_logits = m.logits(self.text)
-        self.ref_lm = lm_loss(self.ref_text_logits, self.labels)
+        if n_docs < 0:
+            raise ValueError(f"n_docs must be >= 0 (0: no neutral text), got {n_docs}")
+        self.text = None
+        if n_docs:
+            self.text, self.labels = neutral_text(m, n_docs)
+            self.ref_text_logits = m.logits(self.text)
+            self.ref_lm = training.next_token_loss(self.ref_text_logits, self.labels).item()
         self.tasks_ref = task_scores(m, m.logits, self.task_names, task_n) if self.task_names else {}
 
     @torch.no_grad()
@@ -295,74 +321,65 @@ class Evaluator:
             rows = torch.arange(len(self.creatures))
             margins.append(final[rows, self.true_ids] - final[rows, self.false_ids])
             ranks.append(colour_ranks(final, self.true_ids, self.colours))
-        text_logits = logits_fn(self.text)
+        lm_delta = kl = float("nan")
+        if self.text is not None:
+            text_logits = logits_fn(self.text)
+            lm_delta = training.next_token_loss(text_logits, self.labels).item() - self.ref_lm
+            kl = token_kl(self.ref_text_logits, text_logits, self.labels)
         n, k = len(self.creatures), len(self.templates)
         task_values = task_scores(self.m, logits_fn, self.task_names, self.task_n) if tasks and self.task_names else {}
         return Evaluation(
             creature=torch.tensor(self.creatures).repeat(k), template=torch.arange(k).repeat_interleave(n),
             margin=torch.cat(margins), rank=torch.cat(ranks),
-            lm_delta=lm_loss(text_logits, self.labels) - self.ref_lm,
-            kl=token_kl(self.ref_text_logits, text_logits, self.labels),
+            lm_delta=lm_delta, kl=kl,
             tasks=task_values, tasks_ref=self.tasks_ref if task_values else {},
         )
-
-
-def bootstrap_ci(values, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` `[c]` (one value per creature)."""
-    values = np.asarray(values, dtype=float)
-    if values.size < 2:
-        raise ValueError("a bootstrap interval needs at least two values")
-    if np.all(values == values[0]):
-        return float(values[0]), float(values[0])
-    res = stats.bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                          method="percentile", random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def standing(value: float, null) -> tuple[float, float]:
-    """Where `value` falls among draws `null` `[n]`: `(percentile, p)`.
-
-    percentile: 100 x (share of draws below + half the ties); p: the one-sided
-    permutation p-value `(1 + #draws >= value) / (1 + n)` that a draw scores at least as high.
-    """
-    null = np.asarray(null, dtype=float)
-    below, ties = (null < value).sum(), (null == value).sum()
-    return float(100 * (below + ties / 2) / null.size), float((1 + (null >= value).sum()) / (1 + null.size))
 
 
 def full_model_baseline(
     m,
     train_creatures,
-    kind: str = "ipo",
+    objective: str = "ipo",
     beta: float = 0.1,
     steps: int = 100,
     lr: float = 3e-4,
     warmup: int = 10,
     seed: int = 0,
     template: str = TEMPLATES[0],
+    batch_size: int | None = None,
+    progress: bool | None = None,
 ):
     """Preference-tune ALL weights of a copy of `m` on the training creatures' pairs; returns a new `Model`.
 
-    The loss is `training.preference_loss` (`kind`, `beta`) against `m` as the frozen
+    The loss is `training.preference_loss` (`objective`, `beta`) against `m` as the frozen
     reference, on the same pairs the edits train on and with no language-model
     term (the edits have none either; tiny-dpo's recipe adds one). `m` is unchanged.
-    """
-    from .model import Model
 
-    torch.manual_seed(seed)
+    `batch_size` pairs per step are drawn with `seed` (None: all pairs every step). Full-batch training
+    has no randomness (no dropout), so only minibatches make two seeds give two different models.
+    """
+    from ..model import Model
+
     data = pairs(m, train_creatures, template)
     with torch.no_grad():
         ref_c = training.sequence_logprob(m.hf, data.prompts, data.chosen)
         ref_r = training.sequence_logprob(m.hf, data.prompts, data.rejected)
     policy = copy.deepcopy(m.hf)
 
-    def loss_fn(model, step):
-        pol_c = training.sequence_logprob(model, data.prompts, data.chosen)
-        pol_r = training.sequence_logprob(model, data.prompts, data.rejected)
-        return training.preference_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, kind=kind)
+    n = len(data.prompts)
+    if batch_size is not None and not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in 1..{n} (the training pairs), got {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
 
-    training.train(policy, loss_fn, steps, lr, warmup=warmup, weight_decay=0.0, desc=f"full-model {kind}")
-    return Model(policy, m.tokenizer, name=f"{m.name}+{kind}(all weights)")
+    def loss_fn(model, step):
+        rows = torch.arange(n) if batch_size is None else torch.randperm(n, generator=gen)[:batch_size]
+        pol_c = training.sequence_logprob(model, data.prompts[rows], data.chosen[rows])
+        pol_r = training.sequence_logprob(model, data.prompts[rows], data.rejected[rows])
+        return training.preference_loss(pol_c, pol_r, ref_c[rows], ref_r[rows], beta=beta, objective=objective)
+
+    training.train(policy, loss_fn, steps, lr, warmup=warmup, weight_decay=0.0, desc=f"full-model {objective}",
+                   seed=seed, progress=progress)
+    return Model(policy, m.tokenizer, name=f"{m.name}+{objective}(all weights)")
 
 def paired_diff_ci(a: Evaluation, b: Evaluation, what: str = "truth", seed: int = 0) -> tuple[float, float, float]:
     """`(mean, lo, hi)` of a - b per creature (same held-out creatures), with a bootstrap 95% interval."""
