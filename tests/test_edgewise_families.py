@@ -10,23 +10,12 @@ from interplab import attribution, circuits, edgewise, paths
 from interplab.graph import Circuit, Graph
 from interplab.organisms.tokenizer import build_tokenizer
 from interplab.tasks import random_tokens
+from families import randomize  # float64, random norms and biases: the matrix's own builder
 from raw_hooks import hf_logits
 
 TOL = 1e-6
 L, H, H_KV = 2, 4, 2
 pytestmark = pytest.mark.filterwarnings("ignore:the clean-vs-corrupt gap")  # random models: no real task
-
-
-def randomize(hf):
-    """Float64, every norm weight and bias random too (a test that ignored one of them would fail)."""
-    hf = hf.double()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1, 0.2)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.2)
-    return hf
 
 
 def build(kind, tok):
