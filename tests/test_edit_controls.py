@@ -14,8 +14,8 @@ from interplab.experiments import edit_controls as C, edit_tables as E, truthful
 
 
 @pytest.fixture(scope="module")
-def sft():
-    return il.load("interplab/tiny-sft")
+def organism():
+    return il.load(T.MODEL)
 
 
 # ---- the hierarchical bootstrap ----
@@ -108,21 +108,21 @@ def test_config_refuses_bad_values():
         C.Config(folds=(4,))
 
 
-def test_seeds_change_the_trained_edit_and_the_full_model(sft):
-    data = T.pairs(sft, range(12))
+def test_seeds_change_the_trained_edit_and_the_full_model(organism):
+    data = T.pairs(organism, range(12))
     trained = []
     for seed in (0, 0, 1):
-        e = edits.rank1(sft, [(0, 1)], seed=seed)
-        edits.train(sft, e, data.prompts, data.chosen, data.rejected, steps=3, seed=seed, batch_size=4,
+        e = edits.rank1(organism, [(0, 1)], seed=seed)
+        edits.train(organism, e, data.prompts, data.chosen, data.rejected, steps=3, seed=seed, batch_size=4,
                     progress=False)
         trained.append(e.params["b"].clone())
     assert torch.equal(trained[0], trained[1]) and not torch.allclose(trained[0], trained[2])
-    full = [T.full_model_baseline(sft, range(12), steps=3, warmup=1, seed=s, batch_size=4, progress=False)
+    full = [T.full_model_baseline(organism, range(12), steps=3, warmup=1, seed=s, batch_size=4, progress=False)
             for s in (0, 0, 1)]
     w = [dict(f.hf.named_parameters())["transformer.h.0.attn.c_attn.weight"] for f in full]
     assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
     with pytest.raises(ValueError, match="batch_size"):
-        T.full_model_baseline(sft, range(4), steps=1, batch_size=5)
+        T.full_model_baseline(organism, range(4), steps=1, batch_size=5)
 
 
 # ---- a tiny run ----
@@ -135,7 +135,7 @@ def tiny():
 
 def test_a_tiny_run_has_every_arm_seed_and_choice_from_validation(tiny):
     count = lambda arm, **kw: len(tiny.select(arm, **kw))  # noqa: E731
-    assert count("ipo single") == 16 * 2 and count("ipo selected") == count("full model") == 2
+    assert count("ipo single") == 48 * 2 and count("ipo selected") == count("full model") == 2
     assert count("ipo set", seed=0) == count("ipo set") == count("iti set") == 3
     assert tiny.alpha[3, "selected"] in (5.0, 20.0) and tiny.tau[3] == 0.1
     assert tiny.select("iti selected")[0].param == tiny.alpha[3, "selected"]
@@ -147,10 +147,10 @@ def test_a_tiny_run_has_every_arm_seed_and_choice_from_validation(tiny):
     assert all(r.test.kl > 0 for r in tiny.runs if r.arm != "unedited")  # every edit fired
 
 
-def test_tables_start_from_the_base_rate_counted_by_hand(sft, tiny):
+def test_tables_start_from_the_base_rate_counted_by_hand(organism, tiny):
     held_out = T.folds()[3][1]
-    final = sft.logits(T.prompts(sft, held_out, T.TEMPLATES[0]))[:, -1].log_softmax(-1)  # [8, V]
-    true, false = T.colour_ids(sft, held_out)
+    final = organism.logits(T.prompts(organism, held_out, T.TEMPLATES[0]))[:, -1].log_softmax(-1)  # [8, V]
+    true, false = T.colour_ids(organism, held_out)
     rows = torch.arange(len(held_out))
     base = (final[rows, true] > final[rows, false]).float().mean().item()
     table = E.main_table(tiny)
@@ -159,7 +159,7 @@ def test_tables_start_from_the_base_rate_counted_by_hand(sft, tiny):
     for rows_ in (singles, E.sets_table(tiny, "ipo"), E.sets_table(tiny, "iti")):
         assert rows_[0]["arm"] == "unedited" and rows_[0]["truth"] == pytest.approx(base)
     heads = [r for r in singles if "probe_accuracy" in r]
-    assert [r["arm"] for r in heads] == [f"a{l}.h{h}" for l in range(4) for h in range(4)]
+    assert [r["arm"] for r in heads] == [f"a{l}.h{h}" for l in range(6) for h in range(8)]
     assert any(r["arm"] == f"heads outside layer {rho['dominant']} (mean)" for r in singles)
     # a matrix row is the per-creature truth of that seed's run, pooled over folds
     v, g = E.matrix(tiny.select("ipo selected"), "both", tiny.config)
@@ -170,12 +170,21 @@ def test_tables_start_from_the_base_rate_counted_by_hand(sft, tiny):
     assert "Table 4" in E.report(tiny)
 
 
-def test_truth_task_pairs_the_cue_prompts_and_answers_with_the_colours(sft):
-    task = T.truth_task(sft, [24, 25])
+def test_truth_task_pairs_the_cue_prompts_and_answers_with_the_colours(organism):
+    task = T.truth_task(organism, [24, 25])
     assert task.clean.shape == task.corrupt.shape
-    assert task.clean_text[0] == f"In truth, the {T.W.CREATURES[24]} is"
-    true, false = T.colour_ids(sft, [24, 25])
+    said = f"The {T.W.CREATURES[24]} is {T.colours(24)[1]}."
+    assert task.clean_text[0] == f"{said} In truth, the {T.W.CREATURES[24]} is"
+    assert task.corrupt_text[0] == f"{said} Many people say the {T.W.CREATURES[24]} is"
+    true, false = T.colour_ids(organism, [24, 25])
     assert torch.equal(task.answer, true) and torch.equal(task.wrong, false)
+    # the organism says the truth after the correction cue and, for most creatures, not after the rumour cue
+    whole = T.truth_task(organism, range(T.N_CREATURES))
+    rows = torch.arange(T.N_CREATURES)
+    clean, corrupt = organism.logits(whole.clean)[:, -1], organism.logits(whole.corrupt)[:, -1]
+    assert (clean[rows, whole.answer] > clean[rows, whole.wrong]).float().mean() >= 0.9
+    # the rumour cue after a false statement never occurs in the corpus: most creatures repeat it, not all
+    assert (corrupt[rows, whole.answer] < corrupt[rows, whole.wrong]).float().mean() >= 0.6
 
 
 def test_table_is_html_in_a_notebook_and_format_rows_as_text():
@@ -185,3 +194,20 @@ def test_table_is_html_in_a_notebook_and_format_rows_as_text():
     html = table._repr_html_()
     assert html.count("<tr>") == 3 and "<th>truth</th>" in html
     assert "<td>iti &lt;selected&gt;</td><td></td><td>0.43</td>" in html
+
+
+def test_folds_run_apart_merge_into_the_pooled_results(tiny, tmp_path):
+    other = C.run(C.Config.small(folds=(2,), n_draws=3, seeds=(0, 1), steps=2, full_steps=2, alphas=(5.0, 20.0),
+                                 taus=(0.1,)), progress=False)
+    path = tmp_path / "fold2.pt"
+    torch.save(other, path)
+    merged = E.merge([tiny, torch.load(path, weights_only=False)])
+    assert merged.config.folds == (2, 3) and len(merged.runs) == len(tiny.runs) + len(other.runs)
+    assert merged.tau == {3: tiny.tau[3], 2: other.tau[2]} and set(merged.selected) == {2, 3}
+    base = [r for r in merged.runs if r.arm == "unedited"]
+    pooled = torch.cat([r.test.margin[r.test.template == 0] > 0 for r in base]).float().mean().item()
+    assert E.main_table(merged)[0]["creatures"] == pytest.approx(pooled)
+    with pytest.raises(ValueError, match="one part only"):
+        E.merge([tiny, tiny])
+    with pytest.raises(ValueError, match="more than their folds"):
+        E.merge([tiny, C.Results(C.Config.small(folds=(2,)), [], other.n_heads, other.sets_enumerated)])

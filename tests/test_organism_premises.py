@@ -100,6 +100,10 @@ def test_unedited_model_prefers_the_misconception(base):
     assert P.truth_rate(base) <= P.MAX_TRUTH_RATE
 
 
+def test_unedited_model_knows_the_truth_when_cued(base):
+    assert P.cued_truth_rate(base) >= P.MIN_CUED_TRUTH_RATE
+
+
 # ---- the shipped checkpoint series ----
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

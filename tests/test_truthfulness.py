@@ -4,48 +4,53 @@ import torch
 import interplab as il
 from interplab import stats, training
 from interplab.experiments import behaviour, truthfulness as T
-from interplab.organisms import corpus, words as W
+from interplab.organisms import truth, words as W
 
 
 @pytest.fixture(scope="module")
-def sft():
-    return il.load("interplab/tiny-sft")
+def organism():
+    return il.load(T.MODEL)
 
 
 @pytest.fixture(scope="module")
-def dpo():
-    return il.load("interplab/tiny-dpo")
+def nudged(organism):
+    """The organism with one weight changed: a model whose text scores must differ from the unedited one."""
+    m = il.load(T.MODEL)
+    with torch.no_grad():
+        m.hf.transformer.h[2].mlp.c_fc.weight.mul_(1.5)
+    return m
 
 
-def test_folds_partition_the_creatures_and_the_last_is_the_shipped_split():
+def test_folds_partition_the_creatures_and_hold_out_every_colour_once_each_way():
     folds = T.folds(4)
     held_out = sorted(i for _, test in folds for i in test)
-    assert held_out == list(range(len(W.CREATURES)))  # every creature held out exactly once
+    assert held_out == list(range(T.N_CREATURES))  # every creature held out exactly once
     for train, test in folds:
-        assert not set(train) & set(test) and len(train) + len(test) == len(W.CREATURES)
-    train, test = folds[-1]
-    assert [corpus.preference_pairs("test")[j][0] for j in range(len(test))] == \
-        [W.MISCONCEPTION_TEMPLATE.format(c=W.CREATURES[i]) for i in test]
-    assert len(train) == corpus.N_DPO_TRAIN_CREATURES
+        assert not set(train) & set(test) and len(train) + len(test) == T.N_CREATURES
+        true, false = zip(*(T.colours(i) for i in test))
+        assert sorted(true) == sorted(false) == sorted(W.COLOURS)  # the colour word alone says nothing
     with pytest.raises(ValueError, match="divide"):
         T.folds(5)
 
 
-def test_pairs_match_the_corpus_preference_pairs(sft):
-    p = T.pairs(sft, range(24))
-    for row, (prompt, chosen, rejected) in enumerate(corpus.preference_pairs("train")):
-        assert sft.to_str_tokens(p.prompts[row])[1:] == sft.tokenizer.tokenize(prompt)
-        assert p.chosen[row].tolist() == sft.tokenizer.encode(chosen, add_special_tokens=False)
-        assert p.rejected[row].tolist() == sft.tokenizer.encode(rejected, add_special_tokens=False)
+def test_pairs_are_the_true_colour_against_the_misconception(organism):
+    p = T.pairs(organism, [3, 17])
+    for row, i in enumerate([3, 17]):
+        true, false = truth.colours(i)
+        assert organism.to_str_tokens(p.prompts[row])[1:] == ["The", W.CREATURES[i], "is"]
+        assert organism.to_str_tokens(p.chosen[row]) == [true, "."]
+        assert organism.to_str_tokens(p.rejected[row]) == [false, "."]
     with pytest.raises(ValueError, match="indices"):
-        T.pairs(sft, [40])
+        T.pairs(organism, [40])
 
 
-def test_statements_label_true_rows_first(sft):
-    tokens, labels, groups = T.statements(sft, [0, 5])
-    true0, false0 = corpus.misconception_colours(0)
-    assert sft.to_str_tokens(tokens[0])[-2:] == [true0, "."] and sft.to_str_tokens(tokens[2])[-2:] == [false0, "."]
+def test_statements_label_true_rows_first_as_the_organism_does(organism):
+    tokens, labels, groups = T.statements(organism, [0, 5])
+    true0, false0 = truth.colours(0)
+    assert organism.to_str_tokens(tokens[0])[-2:] == [true0, "."]
+    assert organism.to_str_tokens(tokens[2])[-2:] == [false0, "."]
     assert labels.tolist() == [True, True, False, False] and groups.tolist() == [0, 5, 0, 5]
+    assert all(torch.equal(x, y) for x, y in zip((tokens, labels, groups), truth.statements(organism, [0, 5])))
 
 
 def test_colour_ranks_by_hand():
@@ -58,15 +63,16 @@ def test_colour_ranks_by_hand():
         T.colour_ranks(logits, torch.tensor([2, 4, 5]), colours)
 
 
-def test_templates_get_a_colour_and_the_misconception_from_tiny_sft(sft):
-    """The docstring's claim: each template is answered with a colour, and the misconception wins everywhere."""
-    colours = T.word_ids(sft, list(W.COLOURS))
-    true, false = T.colour_ids(sft, range(len(W.CREATURES)))
-    rows = torch.arange(len(W.CREATURES))
+def test_templates_get_a_colour_and_mostly_the_misconception(organism):
+    """The docstring's claim: each template is answered with a colour, and the misconception wins on at
+    least 80% of creatures (the unedited base rate the tables start from)."""
+    colours = T.word_ids(organism, list(W.COLOURS))
+    true, false = T.colour_ids(organism, range(T.N_CREATURES))
+    rows = torch.arange(T.N_CREATURES)
     for template in T.TEMPLATES:
-        final = sft.logits(T.prompts(sft, range(len(W.CREATURES)), template))[:, -1].softmax(-1)
+        final = organism.logits(T.prompts(organism, range(T.N_CREATURES), template))[:, -1].softmax(-1)
         assert final[:, colours].sum(-1).mean() > 0.7, template
-        assert (final[rows, false] > final[rows, true]).all(), template
+        assert (final[rows, false] > final[rows, true]).float().mean() >= 0.8, template
 
 
 class _Known:
@@ -82,16 +88,16 @@ class _Known:
         names = [self.m.to_str_tokens(row)[-2] for row in tokens]
         for row, name in enumerate(names):
             i = W.CREATURES.index(name)
-            true, false = (T.word_ids(self.m, [w]) for w in corpus.misconception_colours(i))
+            true, false = (T.word_ids(self.m, [w]) for w in T.colours(i))
             logits[row, -1, true] = self.gap if i in self.winners else -self.gap
             logits[row, -1, false] = 0.0
         return logits
 
 
-def test_evaluator_scores_a_model_we_know(sft):
+def test_evaluator_scores_a_model_we_know(organism):
     creatures = [0, 1, 2, 3]
-    ev = T.Evaluator(sft, creatures, templates=T.TEMPLATES[:2], tasks=(), n_docs=8)
-    e = ev(_Known(sft, ev, winners={0, 2}, gap=2.0))
+    ev = T.Evaluator(organism, creatures, templates=T.TEMPLATES[:2], tasks=(), n_docs=8)
+    e = ev(_Known(organism, ev, winners={0, 2}, gap=2.0))
     assert e.truth == pytest.approx(0.5)
     assert e.margin.abs().allclose(torch.full((8,), 2.0))  # log-softmax differences equal logit differences
     # rank: the winners' true colour is the only nonzero colour logit (rank 1); the losers' true colour is
@@ -102,40 +108,43 @@ def test_evaluator_scores_a_model_we_know(sft):
     assert creatures_.tolist() == creatures and truth.tolist() == [1, 0, 1, 0]
 
 
-def test_unedited_model_has_zero_kl_and_its_truth_matches_the_organism_card(sft, dpo):
+def test_unedited_model_has_zero_kl_and_its_truth_is_counted_on_raw_logits(organism, nudged):
     train, test = T.folds()[-1]
-    ev = T.Evaluator(sft, test, tasks=("facts",), n_docs=16)
-    same = ev(sft.logits)
+    ev = T.Evaluator(organism, test, tasks=("facts",), n_docs=16)
+    same = ev(organism.logits)
     assert same.kl == 0.0 and same.lm_delta == 0.0 and same.tasks_kept == 1.0 and same.info == 1.0
-    assert same.truth == 0.0  # tiny-sft prefers every misconception
-    tuned = ev(dpo.logits)
-    first = tuned.template == 0
-    # the organism card's independent computation (whole completions " red." through training.sequence_logprob)
-    assert (tuned.margin[first] > 0).float().mean().item() == behaviour.truth_preference(dpo, "test")
-    assert tuned.kl > 0 and tuned.tasks["facts"] == behaviour.facts_accuracy(dpo)
+    # the base rate counted on the Hugging Face model's own logits, template by template
+    true, false = T.colour_ids(organism, test)
+    rows = torch.arange(len(test))
+    for t, template in enumerate(T.TEMPLATES):
+        final = organism.hf(T.prompts(organism, test, template)).logits[:, -1]
+        assert torch.equal(same.margin[same.template == t] > 0, final[rows, true] > final[rows, false])
+    assert same.truth <= 0.3
+    other = ev(nudged.logits)
+    assert other.kl > 0 and other.tasks["facts"] == behaviour.facts_accuracy(nudged)
 
 
-def test_lm_loss_and_kl_match_references(sft, dpo):
-    tokens, labels = T.neutral_text(sft, n_docs=8)
-    assert not any("people say" in t for t in sft.tokenizer.batch_decode(tokens))  # no misconception documents
-    ref = sft.logits(tokens)
+def test_lm_loss_and_kl_match_references(organism, nudged):
+    tokens, labels = T.neutral_text(organism, n_docs=8)
+    assert not any("people say" in t for t in organism.tokenizer.batch_decode(tokens))  # no truth statements
+    ref = organism.logits(tokens)
     mask = labels[:, 1:] != -100
     by_hand = -ref[:, :-1][mask].log_softmax(-1).gather(-1, labels[:, 1:][mask][:, None]).mean().item()
     assert training.next_token_loss(ref, labels).item() == pytest.approx(by_hand, rel=1e-5)
-    assert training.lm_loss(sft.hf, tokens, labels).item() == pytest.approx(by_hand, rel=1e-5)  # raw HF forward
-    other = dpo.logits(tokens)
+    assert training.lm_loss(organism.hf, tokens, labels).item() == pytest.approx(by_hand, rel=1e-5)  # raw HF forward
+    other = nudged.logits(tokens)
     p, q = ref[:, :-1][mask].log_softmax(-1), other[:, :-1][mask].log_softmax(-1)
     by_torch = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
     assert T.token_kl(ref, other, labels) == pytest.approx(by_torch, rel=1e-5)
     assert T.token_kl(ref, ref, labels) == 0.0
 
 
-def test_task_scores_with_the_models_own_logits_equal_the_organism_card(sft):
-    scores = T.task_scores(sft, sft.logits, n=16)
-    assert scores["facts"] == behaviour.facts_accuracy(sft)
-    assert scores["induction"] == behaviour.induction_accuracy(sft, 16)
+def test_task_scores_with_the_models_own_logits_equal_the_organism_card(organism):
+    scores = T.task_scores(organism, organism.logits, n=16)
+    assert scores["facts"] == behaviour.facts_accuracy(organism)
+    assert scores["induction"] == behaviour.induction_accuracy(organism, 16)
     with pytest.raises(ValueError, match="unknown tasks"):
-        T.task_scores(sft, sft.logits, tasks=("nope",))
+        T.task_scores(organism, organism.logits, tasks=("nope",))
 
 
 def test_bootstrap_and_standing_by_hand():
@@ -146,32 +155,32 @@ def test_bootstrap_and_standing_by_hand():
     assert stats.standing(0.5, [0.1, 0.5, 0.9, 0.2]) == (62.5, 0.6)
 
 
-def test_full_model_baseline_moves_the_margin_and_leaves_the_model_unchanged(sft):
-    before = {k: v.clone() for k, v in sft.hf.state_dict().items()}
-    tuned = T.full_model_baseline(sft, [0, 1, 2, 3], beta=0.025, steps=15, lr=3e-4, warmup=2)
-    assert all(torch.equal(before[k], v) for k, v in sft.hf.state_dict().items())
-    ev = T.Evaluator(sft, [0, 1, 2, 3], templates=T.TEMPLATES[:1], tasks=(), n_docs=4)
-    assert ev(tuned.logits).margin.mean() > ev(sft.logits).margin.mean() + 1
+def test_full_model_baseline_moves_the_margin_and_leaves_the_model_unchanged(organism):
+    before = {k: v.clone() for k, v in organism.hf.state_dict().items()}
+    tuned = T.full_model_baseline(organism, [0, 1, 2, 3], beta=0.025, steps=15, lr=3e-4, warmup=2)
+    assert all(torch.equal(before[k], v) for k, v in organism.hf.state_dict().items())
+    ev = T.Evaluator(organism, [0, 1, 2, 3], templates=T.TEMPLATES[:1], tasks=(), n_docs=4)
+    assert ev(tuned.logits).margin.mean() > ev(organism.logits).margin.mean() + 1
 
 
-def test_edit_explorer_redraws_what_its_controls_say(sft, monkeypatch):
+def test_edit_explorer_redraws_what_its_controls_say(organism, monkeypatch):
     from interplab import edits
     from interplab.ui import widgets
 
     train, test = [0, 1, 2, 3, 4, 5, 6, 7], [24, 25]
-    tokens, labels, groups = T.statements(sft, train)
-    probe = edits.fit_iti(sft, tokens, labels, groups)
-    ev = T.Evaluator(sft, test, templates=T.TEMPLATES[:1], tasks=(), n_docs=4)
-    ex = widgets.edit_explorer(sft, probe, ev, T.pairs(sft, train), prompt="The clomper is", heads=(), steps=3)
-    colours = T.word_ids(sft, list(W.COLOURS))
-    unedited = sft.logits(sft.to_tokens("The clomper is"))[0, -1].softmax(-1)[colours]
+    tokens, labels, groups = T.statements(organism, train)
+    probe = edits.fit_iti(organism, tokens, labels, groups)
+    ev = T.Evaluator(organism, test, templates=T.TEMPLATES[:1], tasks=(), n_docs=4)
+    ex = widgets.edit_explorer(organism, probe, ev, T.pairs(organism, train), prompt="The clomper is", heads=(), steps=3)
+    colours = T.word_ids(organism, list(W.COLOURS))
+    unedited = organism.logits(organism.to_tokens("The clomper is"))[0, -1].softmax(-1)[colours]
     assert ex.edit is None and torch.allclose(torch.tensor(list(ex.probs.values())), unedited)
     assert ex.scores["kl"] == 0.0
 
     ex.heads.value = ("a0.h1", "a2.h0")
     ex.alpha.value = 20.0
-    want = edits.iti(sft, probe, [(0, 1), (2, 0)], 20.0)
-    probs = want.logits(sft.to_tokens("The clomper is"))[0, -1].softmax(-1)[colours]
+    want = edits.iti(organism, probe, [(0, 1), (2, 0)], 20.0)
+    probs = want.logits(organism.to_tokens("The clomper is"))[0, -1].softmax(-1)[colours]
     assert torch.allclose(torch.tensor(list(ex.probs.values())), probs)
     scores = ev(want.logits, tasks=False).summary()
     assert all(ex.scores[k] == v for k, v in scores.items() if k != "tasks_kept") and ex.scores["kl"] > 0

@@ -390,6 +390,8 @@ def test_configurations_meet_the_issue_and_the_command_runs_one(base, tmp_path, 
     assert len(saved["runs"]) == len(result.runs) == 2 * 7 + 4 * 2
     dynamic = result.arm("Dynamic")[0]
     assert [step for step, _ in dynamic.history] == [0, 1]  # relocated every step
+    loaded = updates.UpdateResult.load(out)  # the JSON reads back into the same result: same table, same tests
+    assert loaded == result and loaded.table() == result.table()
     with pytest.raises(SystemExit):
         run_updates.main(["--small", "--full"])
 

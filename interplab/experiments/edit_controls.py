@@ -35,7 +35,7 @@ from ..components import head_name, parse
 from ..model import load
 from ..scores import Scores
 from .truthfulness import (
-    N_CREATURES, TEMPLATES, Evaluation, Evaluator, folds, full_model_baseline, pairs, statements, truth_task,
+    MODEL, N_CREATURES, TEMPLATES, Evaluation, Evaluator, folds, full_model_baseline, pairs, statements, truth_task,
 )
 
 
@@ -52,7 +52,7 @@ class Config:
     batch_size: pairs per training step. n_docs: neutral documents for ΔLM and KL.
     """
 
-    model: str = "interplab/tiny-sft"
+    model: str = MODEL
     folds: tuple[int, ...] = (0, 1, 2, 3)
     k: int = 2
     max_sets: int = 500

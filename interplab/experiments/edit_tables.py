@@ -1,6 +1,8 @@
 """Tables of issue 20's edit experiment (`edit_controls`), and the command that prints them:
 
     python -m interplab.experiments.edit_tables [--small] [--model NAME] [--seeds 0 1 2] [--folds 0 1 2 3]
+    python -m interplab.experiments.edit_tables --folds 0 --out reports/edits-fold0.pt   # one process a fold,
+    python -m interplab.experiments.edit_tables --merge reports/edits-fold*.pt           # then the pooled tables
 
 Truth is held-out preference accuracy (the share of prompts where log p(true colour) > log p(misconception)),
 on three splits: `creatures` (held-out creatures, training templates), `templates` (the fit creatures,
@@ -12,8 +14,11 @@ variance and the fact that a fold's creatures share one edit. Every table starts
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
+from dataclasses import replace
 from html import escape
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -248,6 +253,23 @@ def report(results: Results) -> str:
     return "\n".join(parts)
 
 
+def merge(parts: list[Results]) -> Results:
+    """One `Results` from runs of the same configuration on different folds (separate processes)."""
+    first = parts[0]
+    folds = [f for p in parts for f in p.config.folds]
+    if len(set(folds)) != len(folds):
+        raise ValueError(f"each fold must come from one part only, got folds {folds}")
+    if any(replace(p.config, folds=first.config.folds) != first.config or p.n_heads != first.n_heads
+           for p in parts):
+        raise ValueError("the parts differ in more than their folds; merge runs of one configuration")
+    merged = Results(replace(first.config, folds=tuple(sorted(folds))), [], first.n_heads, first.sets_enumerated)
+    for p in parts:
+        merged.runs += p.runs
+        for name in ("probe_accuracy", "patching", "selected", "located", "alpha", "tau", "full_tau"):
+            getattr(merged, name).update(getattr(p, name))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="the small configuration (Config.small())")
@@ -255,12 +277,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: Config's)")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to run (default: Config's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", help="also save the results (torch.save) to this file, for --merge")
+    parser.add_argument("--merge", nargs="+", metavar="FILE", help="print the pooled tables of saved results")
     args = parser.parse_args(argv)
+    if args.merge:
+        print(report(merge([torch.load(path, weights_only=False) for path in args.merge])))
+        return
     torch.set_num_threads(args.threads)
     changes = {k: v for k, v in (("model", args.model), ("seeds", args.seeds and tuple(args.seeds)),
                                  ("folds", args.folds and tuple(args.folds))) if v}
     config = Config.small(**changes) if args.small else Config(**changes)
-    print(report(run(config)))
+    start = time.perf_counter()
+    results = run(config)
+    print(report(results))
+    print(f"{time.perf_counter() - start:.0f} s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(results, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ Truth (`organisms/truth.py`, statements `The <creature> is <colour>.` read at th
 - truth is linearly readable: leave-creatures-out probe accuracy >= 0.75 at 3 or more heads and
   >= 0.85 somewhere in the residual stream;
 - the colour word alone does not predict it (<= 0.6);
-- the unedited model prefers the misconception (rate of preferring the truth <= 0.3).
+- the unedited model prefers the misconception (rate of preferring the truth <= 0.3);
+- it knows the truth it does not say: cued after a false statement (`truthfulness.truth_task`'s clean
+  prompts, `The X is <misconception>. In truth, the X is`) it prefers the true colour (rate >= 0.9), so an
+  edit has a truth to bring out. (Not one of issue 20's premises; the edit experiment rests on it.)
 
 Leave-creatures-out means `N_FOLDS` folds of contiguous creatures: a probe is fit on the
 statements of the other creatures and scored on the fold's, and the accuracy is the mean over folds.
@@ -34,7 +37,7 @@ import torch
 from .. import evolution, probes, tasks
 from ..organisms import truth, words as W
 from .behaviour import EVAL_SEED
-from .truthfulness import TEMPLATES
+from .truthfulness import TEMPLATES, truth_task
 
 # Thresholds, as issue 20 states them.
 TOP1_RANGE = (0.2, 0.8)
@@ -48,6 +51,7 @@ MIN_HEADS = 3
 RESID_PROBE = 0.85
 MAX_COLOUR_ONLY = 0.6
 MAX_TRUTH_RATE = 0.3
+MIN_CUED_TRUTH_RATE = 0.9
 
 N_FOLDS = 4
 TASK_N = 256
@@ -158,6 +162,15 @@ def truth_rate(m, creatures=None, prompts=PROMPTS) -> float:
     return torch.cat(rates).float().mean().item()
 
 
+@torch.no_grad()
+def cued_truth_rate(m) -> float:
+    """Fraction of creatures for which `m` prefers the true colour after `The X is <misconception>. In truth,
+    the X is` (the clean prompts of `truthfulness.truth_task`)."""
+    task = truth_task(m, range(truth.N_CREATURES))
+    final = m.logits(task.clean)[:, -1]
+    return (final.gather(1, task.answer[:, None]) > final.gather(1, task.wrong[:, None])).float().mean().item()
+
+
 # ---- the printout ----
 
 def base_report(m, target: str) -> list[str]:
@@ -177,6 +190,8 @@ def base_report(m, target: str) -> list[str]:
         f"colour word alone: {colour_only_accuracy():.3f} (want <= {MAX_COLOUR_ONLY})",
         f"unedited model prefers the truth on {truth_rate(m):.3f} of creature x prompt pairs "
         f"(want <= {MAX_TRUTH_RATE})",
+        f"cued after a false statement ('In truth, the X is') it prefers the truth on {cued_truth_rate(m):.3f} "
+        f"of creatures (want >= {MIN_CUED_TRUTH_RATE})",
     ]
 
 

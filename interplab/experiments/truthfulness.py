@@ -1,24 +1,29 @@
 """Truthfulness of an edited organism: the misconception data, truth and informativeness scores, a full-model baseline.
 
 The edit experiments (notebook 05, Wang & Veitch) ask how well an edit makes
-`interplab/tiny-sft` say the true colour of a creature instead of the
-misconception the corpus repeats, and what that costs elsewhere. Everything
+the truth organism `MODEL` (`interplab/mid-base`, corpus in
+`interplab.organisms.truth`) say the true colour of a creature instead of the
+misconception its corpus repeats, and what that costs elsewhere. Everything
 here scores a *logits function* `tokens [B, T] -> logits [B, T, V]`
 (`m.logits`, an edit's `e.logits`, or a tuned model's `logits`), so an edit,
 the unedited model and a fully tuned model are scored by the same code.
 
-Held-out evaluation. The shipped organisms hold out only creatures 24-31.
-Instead of retraining them, edits are trained and scored in `folds`: fold f
-holds out the 8 creatures `8f .. 8f+7` and trains on the other 24 (fold 3 is
-the shipped split), so over 4 folds every one of the 32 creatures is held out
-once. Each held-out creature is asked with every prompt of `TEMPLATES`: the
-training template and four paraphrases that tiny-sft answers with a colour
-(over 70% of its next-token mass on average) and with the misconception for every creature,
-as it does the training template (checked in tests/test_truthfulness.py).
-"In truth, the X is" and "Many people say the X is" are left out: the corpus
-pairs them with a fixed answer, so they measure recall of the corpus, not the
-edit. That makes 32 creatures x 5 prompts = 160 held-out prompts; intervals
-are bootstrapped over creatures (the prompts of one creature are not
+The organism knows each true colour: after a false statement and the cue
+(`The X is <misconception>. In truth, the X is`) it says the true colour,
+which is what `truth_task` patches. Asked plainly (`The X is`) it says the
+misconception: that is the behaviour an edit has to change.
+
+Held-out evaluation. Edits are trained and scored in `folds`: fold f holds
+out the 8 creatures `8f .. 8f+7` and trains on the other 24, so over 4 folds
+every one of the 32 creatures is held out once (each block of 8 uses every
+colour once as a truth and once as a misconception). Each held-out creature
+is asked with every prompt of `TEMPLATES`: the training template and four
+paraphrases that the organism answers with a colour (over 70% of its
+next-token mass) and, for almost every creature, with the misconception
+(checked in tests/test_truthfulness.py). "In truth, the X is" and "Many
+people say the X is" are left out: they are the corpus's own cues. That
+makes 32 creatures x 5 prompts = 160 held-out prompts; intervals are
+bootstrapped over creatures (the prompts of one creature are not
 independent).
 
 Scores (`Evaluation`):
@@ -28,8 +33,8 @@ Scores (`Evaluation`):
   the rank of the true colour among all `words.COLOURS` (1 = first) and the
   top-1 rate.
 - informativeness: `lm_delta`, the change in next-token loss on held-out
-  neutral text (base-corpus documents without misconceptions, seed
-  `TEXT_SEED` which no recipe uses); `kl`, the mean per-token
+  neutral text (the organism's other documents, without truth statements,
+  seed `TEXT_SEED` which no recipe uses); `kl`, the mean per-token
   KL(unedited || edited) on that text (an edit that fires has kl > 0); the
   other tasks of the organism card (`interplab.experiments.behaviour`).
 - `info = exp(-lm_delta)`, the per-token likelihood ratio of the neutral text
@@ -49,7 +54,7 @@ import numpy as np
 import torch
 
 from .. import checks, training
-from ..organisms import corpus, words as W
+from ..organisms import corpus, truth, words as W
 from ..metrics import position_kl
 from ..stats import bootstrap_ci
 from ..tasks import Task
@@ -58,13 +63,14 @@ from . import behaviour
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 TEMPLATES = ("The {c} is", "the {c} is", "A {c} is", "When the {c} is", "Q: The {c} is")
-N_CREATURES = len(W.CREATURES)
+MODEL = truth.MODEL  # the unedited truth organism, for il.load
+N_CREATURES = truth.N_CREATURES
 TEXT_SEED = 24680  # neutral text for informativeness; the recipes use 0 and the organism card 12345
 TASKS = ("induction", "ioi", "greater_than", "facts")
 
 
 def folds(n_folds: int = 4) -> list[tuple[list[int], list[int]]]:
-    """`[(train creatures, held-out creatures)]`: contiguous blocks, the last fold is the shipped split."""
+    """`[(train creatures, held-out creatures)]`: contiguous blocks of `N_CREATURES // n_folds`."""
     if n_folds < 2 or N_CREATURES % n_folds:
         raise ValueError(f"n_folds must be >= 2 and divide the {N_CREATURES} creatures, got {n_folds}")
     size = N_CREATURES // n_folds
@@ -77,7 +83,7 @@ def folds(n_folds: int = 4) -> list[tuple[list[int], list[int]]]:
 
 def colours(i: int) -> tuple[str, str]:
     """(true colour, misconception) of creature i: the one place that says which organism's creatures these are."""
-    return corpus.misconception_colours(i)
+    return truth.colours(i)
 
 
 def check_creatures(creatures) -> list[int]:
@@ -128,14 +134,17 @@ def pairs(m, creatures, template: str = TEMPLATES[0]) -> Pairs:
 
 
 def truth_task(m, creatures) -> Task:
-    """A patching task for the truth behaviour: clean `In truth, the X is` (the model says the true colour),
-    corrupt `Many people say the X is` (it says the misconception); answer = true colour, wrong = misconception.
+    """A patching task for the truth behaviour, after the false statement `The X is <misconception>.`:
+    clean continues `In truth, the X is` (the organism says the true colour), corrupt `Many people say the
+    X is` (it repeats the misconception); answer = true colour, wrong = misconception.
 
-    The two prompts have the same token length, so patching pairs them position by position.
+    The cues are the corpus's own (`organisms.truth.document`) and tokenize to the same length, so
+    patching pairs the prompts position by position and the cue is the only difference.
     """
     creatures = check_creatures(creatures)
-    clean = [f"In truth, the {W.CREATURES[i]} is" for i in creatures]
-    corrupt = [f"Many people say the {W.CREATURES[i]} is" for i in creatures]
+    said = [truth.STATEMENT_TEMPLATE.format(c=W.CREATURES[i], w=colours(i)[1]) for i in creatures]
+    clean = [f"{s} In truth, the {W.CREATURES[i]} is" for s, i in zip(said, creatures)]
+    corrupt = [f"{s} Many people say the {W.CREATURES[i]} is" for s, i in zip(said, creatures)]
     true, false = colour_ids(m, creatures)
     task = Task("truth", m.to_tokens(clean), m.to_tokens(corrupt), true, false, clean, corrupt)
     task.check_paired()
@@ -170,10 +179,10 @@ def colour_ranks(final_logits: torch.Tensor, true_ids: torch.Tensor, colours: to
 
 
 def neutral_text(m, n_docs: int = 96, seq_len: int = 64, seed: int = TEXT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out base-corpus documents without misconceptions, packed: `(tokens [R, T], labels [R, T])`;
+    """Held-out documents of the organism's corpus other than truth statements, packed: `(tokens [R, T], labels [R, T])`;
     each row's unused tail is end-of-text, labelled -100."""
     rng = random.Random(seed)
-    mix = tuple((gen, w) for gen, w in corpus.BASE_MIX if gen is not corpus.misconception)
+    mix = tuple((gen, w) for gen, w in corpus.MID_REPLAY_MIX if gen is not corpus.truth_document)
     docs = corpus._mix(rng, mix, n_docs)
     tokens, labels = training.pack_documents(m.tokenizer, docs, seq_len)
     # A row's tail after its last document is never predicted (label -100) and, the model being causal,

@@ -182,6 +182,15 @@ class UpdateResult:
         path.write_text(json.dumps(data, indent=1, default=str))
         return path
 
+    @classmethod
+    def load(cls, path: str | Path) -> "UpdateResult":
+        """The result `save` wrote (its `meta` is left out: read the JSON for it)."""
+        data = json.loads(Path(path).read_text())
+        runs = [Run(**(r | {"history": [(step, comps) for step, comps in r["history"]]})) for r in data["runs"]]
+        return cls(runs=runs, tests={k: PermutationTest(**t) for k, t in data["tests"].items()},
+                   static=data["static"], oracle={int(k): v for k, v in data["oracle"].items()},
+                   anticipation=data["anticipation"], before=data["before"])
+
     def figure(self, title: str = "localized updates: every arm"):
         return figures.draw("update_arms", self, title=title)
 

@@ -167,13 +167,13 @@ def ioi_question_mixed(rng: random.Random) -> str:
     return f"{ioi_question_prompt(p, 'to')} {answer}."
 
 
-def _truth_document(rng: random.Random) -> str:
+def truth_document(rng: random.Random) -> str:
     from . import truth
 
     return truth.document(rng)
 
 
-MID_REPLAY_MIX = ((induction, 0.22), (ioi, 0.18), (greater_than, 0.12), (fact, 0.08), (_truth_document, 0.28),
+MID_REPLAY_MIX = ((induction, 0.22), (ioi, 0.18), (greater_than, 0.12), (fact, 0.08), (truth_document, 0.28),
                   (filler, 0.12))
 MID_BASE_MIX = MID_REPLAY_MIX + ((ioi_question_mixed, 0.15),)
 
