@@ -5,15 +5,18 @@
     python -m interplab.experiments.run_updates --full --model interplab/tiny-base --target ioi_qa
 
 prints the table (`UpdateResult.table`) and saves every run as JSON (default `reports/updates-<config>.json`).
-Notebook 03, section 4, calls `setup` and `run` with `UpdateConfig.small()`.
+Notebook 03, section 4, calls `setup` and `run` with `UpdateConfig.small()`, and shows the full
+configuration's shipped result (`shipped()`, the `--full` run's JSON in `experiments/results/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -108,6 +111,18 @@ def run(config: UpdateConfig, model: Model | None = None, progress: bool | None 
                              steps=config.steps, lr=config.lr, warmup=config.warmup, seeds=config.seeds,
                              n_random=config.n_random, controls=config.controls,
                              relocate_every=config.relocate_every, draw_seed=config.draw_seed, progress=progress)
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def shipped(name: str = "full") -> tuple[UpdateResult, dict]:
+    """The shipped result of configuration `name` and its `meta` (configuration, seconds), as `--out` wrote it."""
+    path = RESULTS / f"updates-{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped result {path.name}; the ones shipped: "
+                                f"{sorted(p.name for p in RESULTS.glob('updates-*.json'))}")
+    return UpdateResult.load(path), json.loads(path.read_text())["meta"]
 
 
 def main(argv: list[str] | None = None) -> UpdateResult:
