@@ -65,8 +65,9 @@ class PermutationTest:
 
     def describe(self) -> str:
         how = "exact, all" if self.exact else f"{self.resamples} random of"
+        show = lambda p: f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"  # noqa: E731  (a small p keeps its digits)
         return (f"{self.alternative} permutation test of {self.statistic}, {self.n_a} vs {self.n_b} "
-                f"({how} {self.arrangements} splits): p = {self.p:.4f} (smallest attainable {self.min_p:.4f})")
+                f"({how} {self.arrangements} splits): p = {show(self.p)} (smallest attainable {show(self.min_p)})")
 
 
 def permutation_test(a, b, seed: int, alternative: str = "two-sided", max_exact: int = 200_000,

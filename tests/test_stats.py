@@ -52,6 +52,7 @@ def test_sampled_permutation_test_states_its_resamples():
     assert not sampled.exact and sampled.resamples == 4999 and sampled.min_p == pytest.approx(2 / 5000)
     exact_gap = stats.permutation_test(a, b, seed=1, max_exact=1000, resamples=4999)
     assert abs(sampled.p - exact_gap.p) < 0.02  # two independent samplings agree to Monte Carlo error
+    assert "smallest attainable 4.0e-04" in sampled.describe()  # below 0.001 a p keeps its digits, not 0.0000
     with pytest.raises(ValueError, match="alternative"):
         stats.permutation_test(a, b, seed=0, alternative="bigger")
     with pytest.raises(ValueError, match="non-empty"):

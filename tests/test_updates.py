@@ -410,3 +410,26 @@ def test_update_experiment_refuses_bad_input_before_any_training(base):
     with pytest.raises(ValueError, match="only 6 distinct"):  # 2 of the 4 heads of layer 0: 6 sets
         updates.update_experiment(base, never, task, {}, task.clean, lambda mm: ["a0.h1", "a0.h2"], ["m1"],
                                   steps=2, lr=1e-3, n_random=7, controls=("layer",))
+
+
+def test_the_shipped_full_result_is_the_full_configuration_and_its_tests_recompute():
+    """Notebook 03 and README quote `results/updates-full.json`: it must be the `--full` run, with every arm's
+    seeds and every control's distinct draws, and its tests must follow from its own runs."""
+    from dataclasses import asdict
+
+    from interplab.experiments import run_updates
+
+    result, meta = run_updates.shipped("full")
+    assert meta["config"] == json.loads(json.dumps(asdict(run_updates.UpdateConfig.full())))
+    for arm in ("Free", "Dynamic", "Static", "Static - top", "Top alone", "Oracle", "Foresight"):
+        assert sorted(r.seed for r in result.arm(arm)) == [0, 1, 2, 3, 4], arm
+    for match in components.MATCHES:
+        draws = result.arm(updates.control_name(match))
+        assert len(draws) == 40 == len({tuple(sorted(r.components)) for r in draws}), match
+    gains = lambda arm: [r.gain for r in result.arm(arm)]  # noqa: E731
+    for name, test in result.tests.items():
+        a, b = name.split(" vs ")
+        assert stats.permutation_test(gains(a), gains(b), seed=meta["config"]["draw_seed"]) == test, name
+    assert result.static[0] == result.top and all(r.components == [result.top] for r in result.arm("Top alone"))
+    with pytest.raises(FileNotFoundError, match="updates-full.json"):
+        run_updates.shipped("nope")
