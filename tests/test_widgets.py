@@ -123,3 +123,25 @@ def test_failed_sweep_reenables_controls_and_says_why(setup, monkeypatch):
         ex.task.value = "long"
     assert not ex.busy and "planted failure" in ex.status.value
     assert [c.disabled for c in ex.controls] == [False, False, False, True]  # per position stays off for resid
+
+
+def test_explorers_show_figures_as_output_state_never_by_capture(setup, monkeypatch):
+    """Capturing (`with output:`) makes nbclient send on the shell channel mid-cell and can hang nbval;
+    every redraw sets the Output widget's state instead, and shows exactly the current figure."""
+    import ipywidgets
+    import plotly.io as pio
+
+    def refuse(self):
+        raise AssertionError("an explorer captured output with `with output:`")
+
+    monkeypatch.setattr(ipywidgets.Output, "__enter__", refuse)
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")  # as in a notebook kernel
+    m, tasks = setup
+    ex = widgets.explorer(m, tasks)
+    ex.task.value = "long"
+    (shown,) = ex.output.outputs  # the old figure is gone, the new one is there once
+    assert shown["output_type"] == "display_data"
+    assert shown["data"] == ex.figure._repr_mimebundle_()  # what display(figure) sends
+    assert "application/vnd.plotly.v1+json" in shown["data"]
+    widgets.show(ex.output)
+    assert ex.output.outputs == ()

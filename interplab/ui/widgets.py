@@ -16,6 +16,24 @@ from IPython.display import display
 from .. import checks, patching
 
 
+def show(output: widgets.Output, *shown) -> None:
+    """Make `output` show `shown` (figures, tables) instead of what it showed.
+
+    The outputs are set as the widget's state rather than captured with `with output:`. Capturing makes a
+    headless runner (nbclient, which nbval and nbconvert use) stand in for the browser and send messages on
+    the shell channel while it is waiting on that channel for the cell's reply; now and then it then waits
+    forever (jupyter/nbclient#312). State set in the kernel reaches JupyterLab the same way."""
+    output.outputs = tuple({"output_type": "display_data", "data": _mime_bundle(item), "metadata": {}} for item in shown)
+
+
+def _mime_bundle(item) -> dict:
+    """What `display(item)` sends: the object's own MIME bundle (plotly figures have one), else its repr."""
+    if not hasattr(item, "_repr_mimebundle_"):
+        return {"text/plain": repr(item)}
+    bundle = item._repr_mimebundle_()
+    return bundle[0] if isinstance(bundle, tuple) else bundle
+
+
 @contextmanager
 def computing(explorer, what: str):
     """While `explorer` redraws: its `.controls` disabled, its `.output` cleared, its `.status` saying
@@ -26,7 +44,7 @@ def computing(explorer, what: str):
     for control in explorer.controls:
         control.disabled = True
     explorer.status.value = f"<i>computing: {escape(what)}…</i>"
-    explorer.output.clear_output()
+    show(explorer.output)
     try:
         yield
         explorer.status.value = ""
@@ -106,9 +124,7 @@ class PatchingExplorer:
                                                   mode=mode, **options)
         self.scores = self._cache[key]
         self.figure = self.scores.plot(title=self.title(key))
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(self.figure)
+        show(self.output, self.figure)
 
     def _ipython_display_(self) -> None:
         display(self.widget)
@@ -159,10 +175,7 @@ class CheckpointExplorer:
         with computing(self, f"{task} at {self.traj.labels[t]}"):
             self.grids = circuit_grids_figure(self.traj, task, t)
             self.curves = trajectory_curves(self.traj, task, marker=t)
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(self.grids)
-            display(self.curves)
+        show(self.output, self.grids, self.curves)
 
     def _ipython_display_(self) -> None:
         display(self.widget)
@@ -249,9 +262,7 @@ class EditExplorer:
                  f"ΔLM {s['lm_delta']:+.3f}, KL {s['kl']:.3f}, truth×info {s['product']:.2f}")
         self.figure = go.Figure(go.Bar(x=list(self.probs), y=list(self.probs.values())))
         self.figure.update_layout(title=title, yaxis_title="p(next token)", height=360)
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(self.figure)
+        show(self.output, self.figure)
 
     def _ipython_display_(self) -> None:
         display(self.widget)
