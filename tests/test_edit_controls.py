@@ -178,12 +178,11 @@ def test_truth_task_pairs_the_cue_prompts_and_answers_with_the_colours(organism)
     assert task.corrupt_text[0] == f"{said} Many people say the {T.W.CREATURES[24]} is"
     true, false = T.colour_ids(organism, [24, 25])
     assert torch.equal(task.answer, true) and torch.equal(task.wrong, false)
-    # the organism says the truth after the correction cue and, for most creatures, not after the rumour cue
+    # the clean side is a premise (`premises.cued_truth_rate`); the corrupt side, the rumour cue after a false
+    # statement, never occurs in the corpus: most creatures repeat the misconception there, not all
     whole = T.truth_task(organism, range(T.N_CREATURES))
     rows = torch.arange(T.N_CREATURES)
-    clean, corrupt = organism.logits(whole.clean)[:, -1], organism.logits(whole.corrupt)[:, -1]
-    assert (clean[rows, whole.answer] > clean[rows, whole.wrong]).float().mean() >= 0.9
-    # the rumour cue after a false statement never occurs in the corpus: most creatures repeat it, not all
+    corrupt = organism.logits(whole.corrupt)[:, -1]
     assert (corrupt[rows, whole.answer] < corrupt[rows, whole.wrong]).float().mean() >= 0.6
 
 

@@ -20,9 +20,10 @@ from nnsight.intervention.backends import remote as nnsight_remote
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import interplab as il
-from interplab import attribution, edits, evolution, lens, patching, probes, remote
+from interplab import attribution, patching, remote
 from interplab.model import ORGANISM_DIR
 from ndif_server.process import ServerProcess
+from remote_calls import NAMES, calls, same
 
 pytestmark = [pytest.mark.ndif, pytest.mark.filterwarnings("ignore:the clean-vs-corrupt gap")]
 KEY = "ndif-test-key-5f3a9c"
@@ -79,81 +80,19 @@ def m(folders, server):
     return hosted(folders, ORGANISM)
 
 
-def same(a, b):
-    if isinstance(a, (tuple, list)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            same(x, y)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            same(a[key], b[key])
-    elif hasattr(a, "values") and hasattr(a, "dims"):  # Scores
-        assert type(a) is type(b) and a.dims == b.dims
-        same(a.values, b.values)
-    elif hasattr(a, "theta"):  # ITIProbe
-        same(a.theta, b.theta)
-        same(a.sigma, b.sigma)
-    else:
-        assert isinstance(a, torch.Tensor) and not a.requires_grad and a.grad_fn is None, "results come back detached"
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+def test_the_table_lists_every_tested_call(m):
+    assert list(calls(m)) == NAMES
 
 
-def runs(m):
-    task = il.tasks.make("ioi", m, n=4, seed=0)
-    edit = edits.additive(m, {(1, 2): torch.randn(m.d_head, generator=torch.Generator().manual_seed(0))})
-    labels = torch.tensor([True, False] * 4)
-    prompts, completions = task.clean[:, :-1], task.clean[:, -1:]
-    tokens = torch.cat([task.clean, task.corrupt])
-    return {
-        "Model.logits": lambda r: m.logits(task.clean, remote=r),
-        "patching.heads": lambda r: patching.heads(m, task, remote=r, progress=False),
-        "patching.heads per position": lambda r: patching.heads(m, task, per_position=True, remote=r,
-                                                                progress=False),
-        "patching.resid": lambda r: patching.resid(m, task, remote=r, progress=False),
-        "patching.attn_out": lambda r: patching.attn_out(m, task, remote=r, progress=False),
-        "patching.mlp_out": lambda r: patching.mlp_out(m, task, mode="noising", remote=r, progress=False),
-        "patching.head_inputs": lambda r: patching.head_inputs(m, task, "v", remote=r, progress=False),
-        "probes.collect": lambda r: probes.collect(m, task.clean, site="heads", remote=r),
-        "probes.task_activations": lambda r: probes.task_activations(m, task, remote=r),
-        "lens.logit_lens": lambda r: lens.logit_lens(m, task.clean[0], remote=r),
-        "attribution.nodes": lambda r: attribution.nodes(m, task, per_position=True, remote=r),
-        "Edit.logits": lambda r: edit.logits(task.clean, remote=r),
-        "Edit.generate": lambda r: edit.generate(task.clean[:2], max_new_tokens=2, remote=r),
-        "edits.edited_logprobs": lambda r: edits.edited_logprobs(m, [edit], prompts, completions, remote=r),
-        "edits.fit_iti": lambda r: edits.fit_iti(m, tokens, labels, remote=r),
-        "evolution.component_scores": lambda r: evolution.component_scores(m, task, remote=r),
-        "evolution.component_scores attribution": lambda r: evolution.component_scores(
-            m, task, locator="attribution", remote=r),
-        "evolution.node_faithfulness": lambda r: evolution.node_faithfulness(m, task, [["a0.h0", "m1"]], remote=r),
-        "evolution.component_outputs": lambda r: evolution.component_outputs(m, task.clean, remote=r),
-        "evolution.representational_stability": lambda r: evolution.representational_stability(
-            m, m, task.clean, remote=r),
-        "evolution.track": lambda r: evolution.track([("a", m)], [task], k=2, cka_examples=4, progress=False,
-                                                     remote=r).faithfulness[task.name],
-    }
-
-
-RUNS = ["Model.logits", "patching.heads", "patching.heads per position", "patching.resid", "patching.attn_out",
-        "patching.mlp_out", "patching.head_inputs", "probes.collect", "probes.task_activations", "lens.logit_lens",
-        "attribution.nodes", "Edit.logits", "Edit.generate", "edits.edited_logprobs", "edits.fit_iti",
-        "evolution.component_scores", "evolution.component_scores attribution", "evolution.node_faithfulness",
-        "evolution.component_outputs", "evolution.representational_stability", "evolution.track"]
-
-
-def test_the_runs_table_lists_every_tested_call(m):
-    assert list(runs(m)) == RUNS
-
-
-@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("name", NAMES)
 def test_remote_equals_local(m, name, payloads):
-    run = runs(m)[name]
+    run = calls(m)[name]
     remote_result = run(True)
     assert payloads, "nothing was sent to the server"
     assert all(b"CodeType" not in blob for blob in payloads), "bytecode in a request"
     assert all(KEY.encode() not in blob for blob in payloads), "the API key inside a request"
     payloads.clear()
-    same(remote_result, run(False))
+    same(remote_result, run(False), detached=True)
     assert not payloads
 
 
@@ -164,7 +103,7 @@ def test_every_family_runs_remotely(folders, server, family):
     for run in (lambda r: m.logits(task.clean, remote=r),
                 lambda r: patching.heads(m, task, remote=r, progress=False),
                 lambda r: attribution.nodes(m, task, remote=r)):
-        same(run(True), run(False))
+        same(run(True), run(False), detached=True)
 
 
 # ---- the server is NDIF-like: interplab absent, loopback only ----
@@ -234,7 +173,7 @@ def test_a_polling_client_gets_the_same_result(m, server):
             break
         time.sleep(0.1)
     assert result is not None, "no result after 100 polls"
-    same(result["logits"], m.logits(tokens))
+    same(result["logits"], m.logits(tokens), detached=True)
 
 
 def test_a_plain_nnsight_request_names_the_model_as_nnsight_does(m, server):
@@ -369,4 +308,4 @@ def test_notebook_00_ndif_cell_runs_against_the_server(m, server):
         scope = {"il": il, "HUB": True, "HOSTED": m, "PROMPT": "the cat sat on the mat", "print": lambda *args: None}
         exec(compile(code, filename, "exec"), scope)
         finals[where] = scope["final"]
-    same(finals["remote"], finals["local"])
+    same(finals["remote"], finals["local"], detached=True)

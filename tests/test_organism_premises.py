@@ -52,7 +52,7 @@ def test_statements_pair_each_creature_with_its_true_colour_and_misconception(ba
     assert tokens.shape[0] == 4 and labels.tolist() == [True, True, False, False] and groups.tolist() == [3, 17, 3, 17]
     text = base.tokenizer.decode(tokens[2, 1:])
     assert text == f"The {W.CREATURES[3]} is {truth.colours(3)[1]}."
-    with pytest.raises(ValueError, match="creatures must be"):
+    with pytest.raises(ValueError, match="outside \\[0, 32\\)"):
         truth.statements(base, [32])
 
 

@@ -14,9 +14,10 @@ import transformers.modeling_utils
 from nnsight import TransformersModel
 
 import interplab as il
-from interplab import edits, evolution, lens, patching, probes
+from interplab import edits, evolution, lens, patching
 from interplab.experiments import updates
 from interplab.model import ORGANISM_DIR
+from remote_calls import NAMES, calls, same
 
 
 @pytest.fixture(scope="module")
@@ -130,69 +131,15 @@ def flags(monkeypatch):
     return seen
 
 
-def _same(a, b):
-    if isinstance(a, (tuple, list)):
-        for x, y in zip(a, b, strict=True):
-            _same(x, y)
-    elif hasattr(a, "values") and hasattr(a, "dims"):  # Scores
-        torch.testing.assert_close(a.values, b.values)
-    elif hasattr(a, "theta"):  # ITIProbe
-        torch.testing.assert_close(a.theta, b.theta)
-        torch.testing.assert_close(a.sigma, b.sigma)
-    else:
-        torch.testing.assert_close(a, b)
-
-
-def _runs(m):
-    task = il.tasks.make("ioi", m, n=4, seed=0)
-    edit = edits.additive(m, {(1, 2): torch.randn(m.d_head, generator=torch.Generator().manual_seed(0))})
-    labels = torch.tensor([True, False] * 4)
-    prompts, completions = task.clean[:, :-1], task.clean[:, -1:]
-    tokens = torch.cat([task.clean, task.corrupt])
-    return {
-        "Model.logits": lambda r: m.logits(task.clean, remote=r),
-        "patching.heads": lambda r: patching.heads(m, task, remote=r, progress=False),
-        "patching.resid": lambda r: patching.resid(m, task, remote=r, progress=False),
-        "patching.head_inputs": lambda r: patching.head_inputs(m, task, "v", remote=r, progress=False),
-        "probes.collect": lambda r: probes.collect(m, task.clean, site="heads", remote=r),
-        "probes.task_activations": lambda r: probes.task_activations(m, task, remote=r),
-        "lens.logit_lens": lambda r: lens.logit_lens(m, task.clean[0], remote=r),
-        "Edit.logits": lambda r: edit.logits(task.clean, remote=r),
-        "Edit.generate": lambda r: edit.generate(task.clean[:2], max_new_tokens=2, remote=r),
-        "edits.edited_logprobs": lambda r: edits.edited_logprobs(m, [edit], prompts, completions, remote=r),
-        "edits.fit_iti": lambda r: edits.fit_iti(m, tokens, labels, remote=r),
-        "evolution.component_scores": lambda r: evolution.component_scores(m, task, remote=r),
-        "evolution.component_scores final": lambda r: evolution.component_scores(m, task, position="final",
-                                                                                  remote=r),
-        "evolution.node_faithfulness": lambda r: evolution.node_faithfulness(m, task, [["a0.h0", "m1"]], remote=r),
-        "evolution.component_outputs": lambda r: evolution.component_outputs(m, task.clean, remote=r),
-        "evolution.representational_stability": lambda r: evolution.representational_stability(m, m, task.clean,
-                                                                                                remote=r),
-        "evolution.track": lambda r: evolution.track([("a", m)], [task], k=2, cka_examples=4, progress=False,
-                                                     remote=r).faithfulness[task.name],
-    }
-
-
-RUNS = ["Model.logits", "patching.heads", "patching.resid", "patching.head_inputs", "probes.collect",
-        "probes.task_activations", "lens.logit_lens", "Edit.logits", "Edit.generate", "edits.edited_logprobs",
-        "edits.fit_iti", "evolution.component_scores", "evolution.component_scores final",
-        "evolution.node_faithfulness", "evolution.component_outputs", "evolution.representational_stability",
-        "evolution.track"]
-
-
-@pytest.mark.parametrize("name", RUNS)
+@pytest.mark.parametrize("name", NAMES)
 def test_remote_flag_reaches_every_trace(hub_like, flags, name):
-    run = _runs(hub_like)[name]
+    run = calls(hub_like)[name]
     local = run(False)
     assert not any(flags), "a local run passes remote=False to nnsight (Model.logits runs no trace)"
     flags.clear()
     remote = run(True)
     assert flags and all(flags), f"{name}(remote=True) ran {flags.count(False)} of {len(flags)} traces locally"
-    _same(remote, local)
-
-
-def test_the_runs_table_lists_every_tested_function(hub_like):
-    assert list(_runs(hub_like)) == RUNS
+    same(remote, local)
 
 
 def test_functions_that_cannot_run_remotely_say_which_and_why(hub_like):

@@ -44,13 +44,12 @@ def test_pairs_are_the_true_colour_against_the_misconception(organism):
         T.pairs(organism, [40])
 
 
-def test_statements_label_true_rows_first_as_the_organism_does(organism):
+def test_statements_label_true_rows_first(organism):
     tokens, labels, groups = T.statements(organism, [0, 5])
     true0, false0 = truth.colours(0)
     assert organism.to_str_tokens(tokens[0])[-2:] == [true0, "."]
     assert organism.to_str_tokens(tokens[2])[-2:] == [false0, "."]
     assert labels.tolist() == [True, True, False, False] and groups.tolist() == [0, 5, 0, 5]
-    assert all(torch.equal(x, y) for x, y in zip((tokens, labels, groups), truth.statements(organism, [0, 5])))
 
 
 def test_colour_ranks_by_hand():

@@ -37,7 +37,7 @@ import torch
 from .. import evolution, probes, tasks
 from ..organisms import truth, words as W
 from .behaviour import EVAL_SEED
-from .truthfulness import TEMPLATES, truth_task
+from .truthfulness import TEMPLATES, colour_ids, truth_task
 
 # Thresholds, as issue 20 states them.
 TOP1_RANGE = (0.2, 0.8)
@@ -154,7 +154,7 @@ def truth_rate(m, creatures=None, prompts=PROMPTS) -> float:
     """Fraction of (creature, prompt) pairs where the unedited model gives the true colour a higher
     next-token logit than the misconception."""
     creatures = truth.check_creatures(range(truth.N_CREATURES) if creatures is None else creatures)
-    true, false = truth.colour_ids(m, creatures)
+    true, false = colour_ids(m, creatures)
     rates = []
     for prompt in prompts:
         final = m.logits(m.to_tokens([prompt.format(c=W.CREATURES[i]) for i in creatures]))[:, -1]
@@ -163,10 +163,10 @@ def truth_rate(m, creatures=None, prompts=PROMPTS) -> float:
 
 
 @torch.no_grad()
-def cued_truth_rate(m) -> float:
-    """Fraction of creatures for which `m` prefers the true colour after `The X is <misconception>. In truth,
-    the X is` (the clean prompts of `truthfulness.truth_task`)."""
-    task = truth_task(m, range(truth.N_CREATURES))
+def cued_truth_rate(m, creatures=None) -> float:
+    """Fraction of `creatures` (default all) for which `m` prefers the true colour after `The X is
+    <misconception>. In truth, the X is` (the clean prompts of `truthfulness.truth_task`)."""
+    task = truth_task(m, range(truth.N_CREATURES) if creatures is None else creatures)
     final = m.logits(task.clean)[:, -1]
     return (final.gather(1, task.answer[:, None]) > final.gather(1, task.wrong[:, None])).float().mean().item()
 

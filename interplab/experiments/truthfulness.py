@@ -55,6 +55,7 @@ import torch
 
 from .. import checks, training
 from ..organisms import corpus, truth, words as W
+from ..organisms.truth import check_creatures, statements  # the contract's names for the truth organism
 from ..metrics import position_kl
 from ..stats import bootstrap_ci
 from ..tasks import Task
@@ -84,11 +85,6 @@ def folds(n_folds: int = 4) -> list[tuple[list[int], list[int]]]:
 def colours(i: int) -> tuple[str, str]:
     """(true colour, misconception) of creature i: the one place that says which organism's creatures these are."""
     return truth.colours(i)
-
-
-def check_creatures(creatures) -> list[int]:
-    """Creature indices in 0..N_CREATURES-1, each once (a float is not truncated, a repeat not counted twice)."""
-    return checks.nonempty(checks.indices(creatures, "creatures", N_CREATURES), "creatures")
 
 
 def word_ids(m, words: list[str]) -> torch.Tensor:
@@ -149,21 +145,6 @@ def truth_task(m, creatures) -> Task:
     task = Task("truth", m.to_tokens(clean), m.to_tokens(corrupt), true, false, clean, corrupt)
     task.check_paired()
     return task
-
-
-def statements(m, creatures, template: str = TEMPLATES[0]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """True and false statements for probes: `(tokens [2n, T], labels [2n] bool, groups [2n])`.
-
-    Row i is `<template> <true colour>.` (label True) and row n+i the same with the
-    misconception (label False); `groups` is the creature index, so a creature's
-    two statements stay in one probe split.
-    """
-    creatures = check_creatures(creatures)
-    true, false = zip(*(colours(i) for i in creatures))
-    texts = [template.format(c=W.CREATURES[i]) + f" {w}." for i, w in zip(creatures + creatures, true + false)]
-    tokens = m.to_tokens(texts)
-    labels = torch.arange(2 * len(creatures)) < len(creatures)
-    return tokens, labels, torch.tensor(creatures).repeat(2)
 
 
 def colour_ranks(final_logits: torch.Tensor, true_ids: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import random
 
 import torch
 
+from .. import checks
 from . import words as W
 
 MODEL = "interplab/mid-base"
@@ -61,36 +62,25 @@ def document(rng: random.Random) -> str:
 
 
 def check_creatures(creatures) -> list[int]:
-    creatures = [int(i) for i in creatures]
-    bad = [i for i in creatures if not 0 <= i < N_CREATURES]
-    if bad or not creatures:
-        raise ValueError(f"creatures must be a non-empty list of indices in 0..{N_CREATURES - 1}, "
-                         f"got {bad or creatures}")
-    return creatures
+    """Creature indices in 0..N_CREATURES-1, each once (a float is not truncated, a repeat not counted twice)."""
+    return checks.nonempty(checks.indices(creatures, "creatures", N_CREATURES), "creatures")
 
 
-def statement_texts(creatures) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """`The <creature> is <colour>.` with the true colour (rows 0..n-1) then the misconception (rows n..2n-1)."""
+def statement_texts(creatures, prompt: str = "The {c} is") -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """`<prompt> <colour>.` with the true colour (rows 0..n-1) then the misconception (rows n..2n-1)."""
     creatures = check_creatures(creatures)
+    checks.template(prompt, "c")
     true, false = zip(*(colours(i) for i in creatures))
-    texts = [STATEMENT_TEMPLATE.format(c=W.CREATURES[i], w=w) for i, w in zip(creatures * 2, true + false)]
+    texts = [f"{prompt.format(c=W.CREATURES[i])} {w}." for i, w in zip(creatures * 2, true + false)]
     labels = torch.arange(2 * len(creatures)) < len(creatures)
     return texts, labels, torch.tensor(creatures).repeat(2)
 
 
-def statements(m, creatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def statements(m, creatures, prompt: str = "The {c} is") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Statements for truth probes: `(tokens [2n, T], labels [2n] bool (True = true), groups [2n] creature ids)`.
 
     Read them at the final position (the full stop); pass `groups` to the probe so that a
-    creature's two statements stay in one split.
+    creature's two statements stay in one split. `prompt` is any template with `{c}` (default: the corpus's).
     """
-    texts, labels, groups = statement_texts(creatures)
+    texts, labels, groups = statement_texts(creatures, prompt)
     return m.to_tokens(texts), labels, groups
-
-
-def colour_ids(m, creatures) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids `[n]` of the true colours and `[n]` of the misconceptions of `creatures`."""
-    creatures = check_creatures(creatures)
-    true, false = zip(*(colours(i) for i in creatures))
-    ids = lambda ws: torch.tensor([m.tokenizer.convert_tokens_to_ids(w) for w in ws])
-    return ids(true), ids(false)
